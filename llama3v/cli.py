@@ -1,0 +1,181 @@
+"""The `llama3v` command line: thin subcommands over converters, runtime and evaluation.
+
+Exit codes: 0 success, 1 a clean error (one line on stderr; traceback with --verbose), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from llama3v import __version__
+from llama3v.errors import Llama3vError
+
+
+class _Media(argparse.Action):
+    """Collect --image and --video in command-line order, so markers keep their relative order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: str, opt: str | None = None):
+        ns.media = [*(getattr(ns, "media", None) or []), (self.dest, value)]
+
+
+def _add_media(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", dest="image", action=_Media, metavar="PATH",
+                   help="an image file (repeatable); goes at the next <image> marker of the prompt")
+    p.add_argument("--video", dest="video", action=_Media, metavar="PATH",
+                   help="a video file (repeatable); goes at the next <video> marker of the prompt")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="most tiles per image")
+    p.add_argument("--max-video-tokens", type=int, default=None, metavar="N", help="token budget per video")
+    p.set_defaults(media=[])
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="llama3v", description="LLaVA-style vision-language models on llama.cpp.")
+    parser.add_argument("--version", action="version", version=f"llama3v {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", parents=[common], help="convert a Hugging Face LLaVA checkpoint to GGUF",
+                       description="Convert a LLaVA-style Hugging Face checkpoint into OUTDIR/model-<type>.gguf "
+                       "(Llama-3 decoder, tokenizer, chat template) and OUTDIR/mmproj-<type>.gguf "
+                       "(vision tower + projector in llama.cpp's mmproj format).")
+    p.add_argument("src", type=Path, help="checkpoint directory (config.json + safetensors or .bin)")
+    p.add_argument("-o", "--outdir", type=Path, required=True, help="output directory")
+    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"), help="type of both files (f16)")
+    p.add_argument("--model-outtype", choices=("f32", "f16", "q8_0"), help="type of the LLM file")
+    p.add_argument("--mmproj-outtype", choices=("f32", "f16", "q8_0"), help="type of the mmproj file")
+    p.add_argument("--vision-tower", type=Path, help="directory of the vision tower when it is not in SRC")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+    p = sub.add_parser("embed", parents=[common], help="write the media embeddings that enter the context",
+                       description="Encode media with libmtmd and write the float32 rows that enter the LLM's "
+                       "context, in prompt order, to OUT.npy, and their layout to OUT.json.")
+    p.add_argument("--mmproj", type=Path, required=True, help="mmproj GGUF")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .npy file")
+    _add_media(p)
+    _add_runtime(p)
+
+    p = sub.add_parser("run", parents=[common], help="answer a prompt about images and videos",
+                       description="Run one user turn: media go at the <image>/<video> markers in the prompt "
+                       "(or before the text when it has none), wrapped in the model's chat template.")
+    p.add_argument("--model", type=Path, required=True, help="LLM GGUF")
+    p.add_argument("--mmproj", type=Path, help="mmproj GGUF (needed for media)")
+    p.add_argument("-p", "--prompt", required=True, help="the user's message")
+    p.add_argument("--system", help="a system message (none by default)")
+    p.add_argument("-n", "--n-predict", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k (40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p (0.95)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (random by default)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timings)")
+    _add_media(p)
+    _add_runtime(p)
+
+    p = sub.add_parser("demo", parents=[common], help="build a small random model and run it end to end",
+                       description="Build a small deterministic random-weight LLaVA-Llama-3 model, convert it, "
+                       "answer a question about an image through llama.cpp and compare with the PyTorch "
+                       "reference. The weights are random: the answer is noise, the agreement is the point.")
+    p.add_argument("--workdir", type=Path, default=None, help="where to build (default: the llama3v cache)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llama3v` console script."""
+    args = build_parser().parse_args(argv)
+    from llama3v.runtime import engine
+
+    engine.set_verbose(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except Llama3vError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"llama3v: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llama3v: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless asked for the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"llama3v: internal error: {type(e).__name__}: {e} (rerun with --verbose for details)",
+              file=sys.stderr)
+        return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from llama3v.converters.convert import convert
+    from llama3v.converters.writer import stderr_progress
+
+    model, mmproj = convert(args.src, args.outdir, args.model_outtype or args.outtype,
+                            args.mmproj_outtype or args.outtype, vision_tower=args.vision_tower, force=args.force,
+                            progress=None if args.quiet else stderr_progress)
+    if not args.quiet:
+        sys.stderr.write("\n")
+    print(model)
+    print(mmproj)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from llama3v.runtime.embed import embed_to_files
+
+    _check_media_options(args)
+    embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llama3v.runtime.session import Session
+
+    _check_media_options(args)
+    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
+                 n_gpu_layers=args.n_gpu_layers) as session:
+        gen = session.generate(args.prompt, media=args.media, system=args.system, max_tokens=args.n_predict,
+                               temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        for piece in gen:
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        result = gen.result
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        sys.stdout.write("\n")
+        if args.verbose:
+            t = result.timings
+            print(f"prompt {result.n_prompt_tokens} tokens, encode {t['encode_ms']:.0f} ms, "
+                  f"prompt {t['prompt_ms']:.0f} ms, decode {len(result.tokens)} tokens "
+                  f"at {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from llama3v.evaluation.demo import run_demo
+
+    return run_demo(args.workdir, quiet=args.quiet)
+
+
+def _check_media_options(args: argparse.Namespace) -> None:
+    if any(k == "video" for k, _ in args.media) or args.max_video_tokens is not None:
+        raise Llama3vError("video input is not available yet in this version")
+    if args.max_tiles is not None:
+        raise Llama3vError("--max-tiles is not available yet in this version (images use one tile)")
+
+
+_COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

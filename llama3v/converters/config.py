@@ -1,0 +1,205 @@
+"""Model configuration as dataclasses whose fields mirror Hugging Face's config keys.
+
+`VisionConfig` mirrors CLIPVisionConfig / SiglipVisionConfig, `TextConfig` mirrors LlamaConfig
+(as saved by transformers 4.x and 5.x), `LlavaConfig` the LLaVA wrapper in both the llava-hf and
+the original LLaVA / xtuner / Bunny spellings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llama3v.errors import Llama3vError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+# Towers that original-layout checkpoints name in `mm_vision_tower` but whose config they do not
+# carry (their weights may still be inside the checkpoint). Values: HF config fields.
+KNOWN_VISION_TOWERS: dict[str, dict] = {
+    "openai/clip-vit-large-patch14-336": dict(
+        model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "openai/clip-vit-large-patch14": dict(
+        model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "google/siglip-so400m-patch14-384": dict(
+        model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+        num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6),
+}
+
+# Activations libmtmd can run in the vision tower, by HF name -> (use_gelu, use_silu).
+# ggml's gelu is the tanh approximation; HF's "gelu" is erf-exact (DESIGN.md, fidelity).
+VISION_ACTIVATIONS = {
+    "quick_gelu": (False, False),
+    "gelu": (True, False),
+    "gelu_pytorch_tanh": (True, False),
+    "gelu_new": (True, False),
+    "silu": (False, True),
+}
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP or SigLIP vision tower (HF CLIPVisionConfig / SiglipVisionConfig keys)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VisionConfig:
+        """Build from an HF vision config dict (or a full CLIPConfig/SiglipConfig)."""
+        if "vision_config" in d:
+            d = d["vision_config"]
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type in ("clip", "siglip"):
+            model_type += "_vision_model"
+        if model_type not in ("clip_vision_model", "siglip_vision_model"):
+            raise Llama3vError(
+                f"unsupported vision tower {model_type!r}: llama3v converts CLIP and SigLIP towers")
+        defaults = {"hidden_act": "quick_gelu" if model_type.startswith("clip") else "gelu_pytorch_tanh",
+                    "layer_norm_eps": 1e-5 if model_type.startswith("clip") else 1e-6}
+        try:
+            cfg = cls(
+                model_type=model_type,
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=int(d["num_attention_heads"]),
+                image_size=int(d["image_size"]),
+                patch_size=int(d["patch_size"]),
+                hidden_act=d.get("hidden_act", defaults["hidden_act"]),
+                layer_norm_eps=float(d.get("layer_norm_eps", defaults["layer_norm_eps"])),
+            )
+        except KeyError as e:
+            raise Llama3vError(f"vision config lacks {e.args[0]!r}") from e
+        if cfg.hidden_act not in VISION_ACTIVATIONS:
+            raise Llama3vError(f"vision tower activation {cfg.hidden_act!r} is not supported by libmtmd")
+        return cfg
+
+    @property
+    def is_clip(self) -> bool:
+        """CLIP towers have a class token and a pre-layernorm; SigLIP towers have neither."""
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        """Image tokens per tile: every patch, never the class token."""
+        return self.grid * self.grid
+
+
+@dataclass
+class TextConfig:
+    """A Llama-3 decoder (HF LlamaConfig keys)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextConfig:
+        """Build from an HF LlamaConfig dict; reads `rope_theta` (4.x) or `rope_parameters` (5.x)."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "llava_llama", "llava", "llava_next", "bunny-llama", "bunny_llama"):
+            raise Llama3vError(f"unsupported language model {model_type!r}: llama3v converts Llama decoders")
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "llama3":
+                raise Llama3vError(f"unsupported rope scaling {kind!r}: llama3v converts 'llama3' scaling")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise Llama3vError("Llama decoders with attention or MLP biases are not supported")
+        n_heads = int(d["num_attention_heads"])
+        try:
+            return cls(
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=n_heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
+                vocab_size=int(d["vocab_size"]),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                rope_scaling=scaling,
+                max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                head_dim=d.get("head_dim"),
+            )
+        except KeyError as e:
+            raise Llama3vError(f"text config lacks {e.args[0]!r}") from e
+
+    @property
+    def n_head_dim(self) -> int:
+        """Per-head width."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class LlavaConfig:
+    """A LLaVA-style model: vision tower, projector, Llama decoder, and how images are prepared."""
+
+    vision: VisionConfig
+    text: TextConfig
+    projector: str  # "mlp2x_gelu" or "linear"
+    vision_feature_layer: int  # HF index into hidden_states (-2: second to last block)
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    preprocess: str  # "resize" (CLIP), "squash" (SigLIP) or "pad" (LLaVA-1.5)
+    image_token_index: int | None = None
+
+    @property
+    def n_feature_blocks(self) -> int:
+        """How many encoder blocks produce the selected feature layer (only these are written)."""
+        n = self.vision.num_hidden_layers
+        k = self.vision_feature_layer if self.vision_feature_layer >= 0 else n + 1 + self.vision_feature_layer
+        if not 1 <= k <= n:
+            raise Llama3vError(
+                f"vision_feature_layer {self.vision_feature_layer} is outside the tower's {n} layers")
+        return k
+
+
+def feature_layer_from(value: object) -> int:
+    """Validate an HF `vision_feature_layer` / `mm_vision_select_layer` value."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise Llama3vError(f"several vision feature layers {value} are not supported (one layer only)")
+        value = value[0]
+    if not isinstance(value, int):
+        raise Llama3vError(f"vision feature layer must be an integer, got {value!r}")
+    return value
+
+
+def select_strategy_from(value: str) -> None:
+    """Accept the strategies libmtmd can express: the class token dropped."""
+    if value in ("default", "patch"):
+        return
+    if value in ("full", "cls_patch"):
+        raise Llama3vError(
+            f"vision feature select strategy {value!r} keeps the class token, which libmtmd always drops; "
+            "this checkpoint cannot be expressed as a llama.cpp mmproj")
+    raise Llama3vError(f"unknown vision feature select strategy {value!r}")

@@ -1,0 +1,107 @@
+"""Write the vision tower and projector of a LLaVA checkpoint as a llama.cpp mmproj GGUF."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from llama3v import gguf_schema as S
+from llama3v.converters import tensor_map
+from llama3v.converters.config import VISION_ACTIVATIONS
+from llama3v.converters.layouts import LlavaCheckpoint
+from llama3v.converters.quantize import file_type, storage_type
+from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.errors import Llama3vError
+
+
+def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:
+    """The mmproj's tensors: the tower cut at the feature layer, then the projector."""
+    cfg = ckpt.config
+    if cfg.vision.intermediate_size == cfg.vision.hidden_size:
+        # clip.cpp swaps ffn_up/ffn_down when ffn_down's input width equals n_embd (a fix for
+        # legacy files), which would silently misread this tower.
+        raise Llama3vError("vision towers with intermediate_size == hidden_size are misread by libmtmd")
+    names = tensor_map.vision_tensors(cfg.vision.is_clip, cfg.n_feature_blocks)
+    plans = [_plan(ckpt, src, dst, outtype) for src, dst in names.items()]
+    return plans + _projector_plans(ckpt, outtype)
+
+
+def _plan(ckpt: LlavaCheckpoint, src: str, dst: str, outtype: GGMLQuantizationType) -> TensorPlan:
+    shape = ckpt.shape(src)  # raises, naming the tensor, when the checkpoint lacks it
+    return TensorPlan(dst, shape, storage_type(dst, shape, outtype), lambda: ckpt.get(src))
+
+
+def _projector_plans(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:
+    cfg = ckpt.config
+    n_embd = cfg.text.hidden_size
+    if cfg.projector == "mlp2x_gelu":
+        plans = [_plan(ckpt, src, dst, outtype) for src, dst in tensor_map.PROJECTOR.items()]
+        width = plans[2].shape[0]
+        if width != n_embd:
+            raise Llama3vError(f"projector output width {width} does not match the LLM's hidden size {n_embd}")
+        return plans
+    # libmtmd's "mlp" graph always applies gelu after mm.0, and has no plain linear projector.
+    # gelu(h) - gelu(-h) == h for both the erf and the tanh form, so a linear W x + b becomes
+    # mm.0 = [W; -W], [b; -b] and mm.2 = [I, -I]: exact up to ggml's fp16 gelu table.
+    w_shape = ckpt.shape("projector.linear_1.weight")
+    if w_shape[0] != n_embd:
+        raise Llama3vError(f"projector output width {w_shape[0]} does not match the LLM's hidden size {n_embd}")
+
+    def w0() -> np.ndarray:
+        w = ckpt.get("projector.linear_1.weight")
+        return np.concatenate([w, -w])
+
+    def b0() -> np.ndarray:
+        b = ckpt.get("projector.linear_1.bias")
+        return np.concatenate([b, -b])
+
+    def w2() -> np.ndarray:
+        eye = np.eye(n_embd, dtype=np.float32)
+        return np.concatenate([eye, -eye], axis=1)
+
+    specs: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = [
+        (S.PROJ_LAYER.format(idx=0, kind="weight"), (2 * n_embd, w_shape[1]), w0),
+        (S.PROJ_LAYER.format(idx=0, kind="bias"), (2 * n_embd,), b0),
+        (S.PROJ_LAYER.format(idx=2, kind="weight"), (n_embd, 2 * n_embd), w2),
+        (S.PROJ_LAYER.format(idx=2, kind="bias"), (n_embd,), lambda: np.zeros(n_embd, np.float32)),
+    ]
+    return [TensorPlan(name, shape, storage_type(name, shape, outtype), fn) for name, shape, fn in specs]
+
+
+def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
+                 progress: Callable[[str], None] | None = None) -> None:
+    """Convert the checkpoint's vision side into an mmproj GGUF at `path` (atomically)."""
+    plans = mmproj_plan(ckpt, outtype)
+    cfg = ckpt.config
+    v = cfg.vision
+    use_gelu, use_silu = VISION_ACTIVATIONS[v.hidden_act]
+    kept = [p.name for p in plans if p.qtype != outtype and len(p.shape) > 1]
+
+    def metadata(w: GGUFWriter) -> None:
+        w.add_name(f"{ckpt.root.name} vision")
+        w.add_file_type(file_type(outtype))
+        w.add_bool(S.HAS_VISION_ENCODER, True)
+        w.add_string(S.PROJECTOR_TYPE, S.PROJECTOR_MLP)
+        w.add_bool(S.USE_GELU, use_gelu)
+        w.add_bool(S.USE_SILU, use_silu)
+        w.add_uint32(S.IMAGE_SIZE, v.image_size)
+        w.add_uint32(S.PATCH_SIZE, v.patch_size)
+        w.add_uint32(S.EMBEDDING_LENGTH, v.hidden_size)
+        w.add_uint32(S.FEED_FORWARD_LENGTH, v.intermediate_size)
+        w.add_uint32(S.BLOCK_COUNT, cfg.n_feature_blocks)
+        w.add_uint32(S.PROJECTION_DIM, cfg.text.hidden_size)
+        w.add_uint32(S.HEAD_COUNT, v.num_attention_heads)
+        w.add_float32(S.LAYER_NORM_EPS, v.layer_norm_eps)
+        w.add_array(S.IMAGE_MEAN, list(cfg.image_mean))
+        w.add_array(S.IMAGE_STD, list(cfg.image_std))
+        # Written explicitly: without it libmtmd runs block_count - 1 blocks (upstream #25817).
+        w.add_array(S.FEATURE_LAYER, [cfg.n_feature_blocks])
+        w.add_string(S.PREPROCESS_MODE, cfg.preprocess)
+        w.add_string(S.PROJECTOR_KIND, cfg.projector)
+        w.add_int32(S.SOURCE_FEATURE_LAYER, cfg.vision_feature_layer)
+        w.add_array(S.KEPT_PRECISION, kept)
+
+    write_gguf(path, S.CLIP_ARCH, metadata, plans, progress)

@@ -1,0 +1,89 @@
+"""Write a GGUF file atomically, one tensor at a time, and verify it by reading it back.
+
+Tensors are produced, encoded and written one by one, so converting an 8B model needs memory for
+its largest tensor, not for the model. The file is written under a hidden temporary name in the
+destination directory and renamed into place only after it reads back correctly: an interrupted
+or killed conversion leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from llama3v.converters.quantize import encode
+from llama3v.errors import Llama3vError
+
+
+@dataclass
+class TensorPlan:
+    """A tensor to write: its GGUF name, float shape (numpy order), type and how to compute it."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the encoded tensor."""
+        block, type_size = GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * type_size
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    add_metadata: Callable[[GGUFWriter], None],
+    tensors: list[TensorPlan],
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write `tensors` and the metadata that `add_metadata` adds to `path`, atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        writer = GGUFWriter(tmp, arch)
+        add_metadata(writer)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, t in enumerate(tensors, 1):
+            data = t.produce()
+            if tuple(data.shape) != tuple(t.shape):
+                raise Llama3vError(f"tensor {t.name}: expected shape {t.shape}, checkpoint has {data.shape}")
+            writer.write_tensor_data(encode(data, t.qtype))
+            if progress:
+                progress(f"[{i}/{len(tensors)}] {t.name} {t.qtype.name}")
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _verify(tmp, tensors)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _verify(path: Path, tensors: list[TensorPlan]) -> None:
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError and others on a malformed file
+        raise Llama3vError(f"{path}: written file does not read back ({e})") from e
+    found = {t.name: t for t in reader.tensors}
+    for t in tensors:
+        got = found.get(t.name)
+        if got is None or got.tensor_type != t.qtype or got.n_bytes != t.nbytes:
+            raise Llama3vError(f"{path}: tensor {t.name} did not read back as written")
+
+
+def stderr_progress(message: str) -> None:
+    """Print a progress line to stderr, overwriting the previous one."""
+    sys.stderr.write(f"\r\033[K{message}")
+    sys.stderr.flush()

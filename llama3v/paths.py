@@ -1,0 +1,16 @@
+"""Where llama3v keeps what it builds: engine wheels, the llama-cpp-python sdist, demo models."""
+
+import os
+from pathlib import Path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pinned engine (pyproject.toml, scripts/build_engine.sh)
+
+
+def cache_dir() -> Path:
+    """$LLAMA3V_CACHE, or ~/.cache/llama3v (scripts/build_engine.sh uses the same)."""
+    return Path(os.environ.get("LLAMA3V_CACHE") or Path.home() / ".cache" / "llama3v")
+
+
+def engine_sdist() -> Path:
+    """The llama-cpp-python sdist that `make` downloads to build the engine."""
+    return cache_dir() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"

@@ -1,0 +1,203 @@
+"""A Llama-3 model and context in libllama: tokens and embedding rows in, logits and samples out."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from llama3v.errors import Llama3vError
+from llama3v.runtime import engine
+from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_gguf
+
+_KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids for the KV cache
+_FLASH_ATTN = {None: -1, False: 0, True: 1}
+
+
+class TextModel:
+    """A llama-architecture GGUF loaded in libllama, with its vocabulary."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, info: GGUFInfo | None = None):
+        self.path = Path(path)
+        self.info = info or read_gguf(self.path)
+        self.n_embd = check_llm(self.info)
+        self._llama, _ = engine.libs()
+        params = self._llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        engine.take_log()
+        self.ptr = self._llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise engine.failure(f"{self.path}: llama.cpp could not load this model")
+        self.vocab = self._llama.llama_model_get_vocab(self.ptr)
+        self.n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = self._llama.llama_model_n_ctx_train(self.ptr)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, special tokens parsed, no BOS added (the chat template writes it)."""
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (self._llama.llama_token * cap)()
+        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, True)
+        if n < 0:
+            raise Llama3vError(f"tokenization of {len(raw)} bytes failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as generated text (special tokens rendered empty)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._llama.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of a token (for special tokens such as BOS)."""
+        return self._llama.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """True for end-of-turn / end-of-text tokens."""
+        return bool(self._llama.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos_text(self) -> str:
+        """The BOS token's text."""
+        return self.token_text(self._llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template stored in the GGUF, if any."""
+        raw = self._llama.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8") if raw else None
+
+    def close(self) -> None:
+        """Free the model."""
+        if getattr(self, "ptr", None):
+            self._llama.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Context:
+    """A libllama context for sequence 0: decodes tokens and embedding rows at the next positions."""
+
+    def __init__(self, model: TextModel, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
+                 kv_type: str = "f16", flash_attn: bool | None = None):
+        self.model = model
+        llama = self._llama = model._llama
+        params = llama.llama_context_default_params()
+        threads = n_threads or engine.default_threads()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = _KV_TYPES[kv_type]
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
+        params.no_perf = True
+        engine.take_log()
+        self.ptr = llama.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
+        self.n_ctx = llama.llama_n_ctx(self.ptr)
+        self.n_batch = n_batch
+        self.n_past = 0
+        self._tok = llama.llama_batch_init(n_batch, 0, 1)
+        self._emb = llama.llama_batch_init(n_batch, model.n_embd, 1)
+        for batch in (self._tok, self._emb):
+            for i in range(n_batch):
+                batch.seq_id[i][0] = 0
+                batch.n_seq_id[i] = 1
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from `n` on (keeps the KV cache of the first n)."""
+        if n < self.n_past:
+            self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(self.ptr), 0, n, -1)
+        self.n_past = min(n, self.n_past)
+
+    def decode_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray | None:
+        """Decode tokens; return logits of the last one, or of each one with `all_logits`."""
+        return self._decode(np.asarray(tokens, dtype=np.int32), None, all_logits)
+
+    def decode_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray | None:
+        """Decode embedding rows [n, n_embd] in place of tokens; logits as in decode_tokens."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
+            raise Llama3vError(f"embedding rows must be [n, {self.model.n_embd}], got {list(rows.shape)}")
+        return self._decode(None, rows, all_logits)
+
+    def _decode(self, tokens: np.ndarray | None, rows: np.ndarray | None, all_logits: bool) -> np.ndarray | None:
+        n = len(tokens) if tokens is not None else len(rows)
+        if n == 0:
+            return None
+        if self.n_past + n > self.n_ctx:
+            raise Llama3vError(f"the context holds {self.n_ctx} tokens; {self.n_past + n} are needed")
+        batch = self._tok if tokens is not None else self._emb
+        outputs = []
+        for start in range(0, n, self.n_batch):
+            m = min(self.n_batch, n - start)
+            batch.n_tokens = m
+            if tokens is not None:
+                np.ctypeslib.as_array(batch.token, shape=(m,))[:] = tokens[start:start + m]
+            else:
+                d = self.model.n_embd
+                np.ctypeslib.as_array(batch.embd, shape=(m * d,))[:] = rows[start:start + m].reshape(-1)
+            np.ctypeslib.as_array(batch.pos, shape=(m,))[:] = np.arange(self.n_past, self.n_past + m)
+            flags = np.ctypeslib.as_array(batch.logits, shape=(m,))
+            flags[:] = 1 if all_logits else 0
+            if not all_logits and start + m == n:
+                flags[m - 1] = 1
+            engine.take_log()
+            rc = self._llama.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise engine.failure(f"llama_decode failed (code {rc}) at position {self.n_past}")
+            self.n_past += m
+            for i in np.flatnonzero(flags):
+                outputs.append(self._logits(int(i)))
+        return np.stack(outputs) if all_logits else outputs[-1]
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def close(self) -> None:
+        """Free the context and its batches."""
+        if getattr(self, "ptr", None):
+            self._llama.llama_batch_free(self._tok)
+            self._llama.llama_batch_free(self._emb)
+            self._llama.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Sampler:
+    """llama.cpp's sampler chain: greedy at temperature 0, else top-k, top-p, temperature, seeded draw."""
+
+    def __init__(self, model: TextModel, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                 seed: int | None = None):
+        llama = self._llama = model._llama
+        self.ptr = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_greedy())
+            return
+        llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_top_k(top_k))
+        llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_top_p(top_p, 1))
+        llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_temp(temperature))
+        seed = 0xFFFFFFFF if seed is None else seed & 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+        llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: Context) -> int:
+        """Draw the next token from the last decoded position's logits."""
+        return int(self._llama.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+
+    def close(self) -> None:
+        """Free the chain."""
+        if getattr(self, "ptr", None):
+            self._llama.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()

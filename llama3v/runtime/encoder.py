@@ -1,0 +1,92 @@
+"""Encode image tiles with libmtmd (llama.cpp's vision graph) into LLM-ready embeddings."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from llama3v import gguf_schema as S
+from llama3v.errors import Llama3vError
+from llama3v.runtime import engine
+from llama3v.runtime.gguf_check import check_mmproj, read_gguf
+from llama3v.runtime.image_processing import ImageSpec
+
+_FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
+
+
+class VisionEncoder:
+    """An mmproj loaded in libmtmd: uint8 RGB tiles of the tower's size in, float32 rows out."""
+
+    def __init__(
+        self,
+        mmproj_path: str | Path,
+        text_model: object = None,
+        n_threads: int | None = None,
+        use_gpu: bool = True,
+        flash_attn: bool | None = None,
+        check_engine: bool = True,
+    ):
+        self.path = Path(mmproj_path)
+        info = read_gguf(self.path)
+        self.n_embd = check_mmproj(info)
+        size = int(info.get(S.IMAGE_SIZE))
+        self.tokens_per_tile = (size // int(info.get(S.PATCH_SIZE))) ** 2
+        self.spec = ImageSpec(size=size, mode=str(info.get(S.PREPROCESS_MODE, "resize")),
+                              mean=tuple(info.get(S.IMAGE_MEAN)))
+        if S.CLASS_EMBD in info.tensors and check_engine:
+            from llama3v.runtime.selfcheck import require_fixed_engine
+
+            require_fixed_engine()
+        _, mtmd = engine.libs()
+        self._mtmd = mtmd
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = n_threads or engine.default_threads()
+        params.print_timings = False
+        params.warmup = False  # a warm-up pass is a full encode; the first real one warms up instead
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
+        engine.take_log()
+        self._ctx = mtmd.mtmd_init_from_file(str(self.path).encode(), text_model, params)
+        if not self._ctx:
+            raise engine.failure(f"{self.path}: libmtmd could not load this mmproj")
+        self.n_encodes = 0  # tiles encoded by libmtmd (caches are measured against this)
+
+    def encode(self, tile: np.ndarray) -> np.ndarray:
+        """Embeddings of one tile, [tokens_per_tile, n_embd] float32."""
+        size = self.spec.size
+        if tile.shape != (size, size, 3) or tile.dtype != np.uint8:
+            raise Llama3vError(f"tiles must be uint8 [{size}, {size}, 3], got {tile.dtype} {list(tile.shape)}")
+        m = self._mtmd
+        data = np.ascontiguousarray(tile)
+        bitmap = m.mtmd_bitmap_init(size, size, data.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        chunks = m.mtmd_input_chunks_init()
+        try:
+            part = m.mtmd_input_part(text=None, bitmap=bitmap)
+            parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
+            if m.mtmd_tokenize_from_parts(self._ctx, chunks, parts, 1, False) != 0:
+                raise engine.failure(f"{self.path}: libmtmd could not prepare the image")
+            chunk = m.mtmd_input_chunks_get(chunks, 0)
+            n_tok = m.mtmd_input_chunk_get_n_tokens(chunk)
+            if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE or n_tok != self.tokens_per_tile:
+                raise Llama3vError(
+                    f"{self.path}: libmtmd made {n_tok} tokens of a tile, expected {self.tokens_per_tile}")
+            if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                raise engine.failure(f"{self.path}: libmtmd failed to encode the image")
+            out = m.mtmd_get_output_embd(self._ctx)
+            rows = np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,)).reshape(n_tok, self.n_embd).copy()
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+            m.mtmd_bitmap_free(bitmap)
+        self.n_encodes += 1
+        return rows
+
+    def close(self) -> None:
+        """Free the libmtmd context."""
+        if getattr(self, "_ctx", None):
+            self._mtmd.mtmd_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,80 @@
+"""Load llama.cpp (libllama and libmtmd from llama-cpp-python) once, with this process's settings.
+
+llama.cpp reports failures on its log, not through return values, so the log is captured: the
+recent warnings and errors are attached to the Llama3vError raised for a failed call, and the
+rest is shown only with `verbose`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections import deque
+from types import ModuleType
+
+from llama3v.errors import Llama3vError
+
+# Both libllama and libmtmd run OpenMP thread pools; spinning waiters stall the other library's
+# work on small machines (~385 ms per encode measured on 2 cores). Must be set before loading.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_WARN, _ERROR, _CONT = 3, 4, 5  # ggml_log_level
+_state: dict = {}
+_recent: deque[str] = deque(maxlen=20)
+verbose = False
+
+
+def set_verbose(flag: bool) -> None:
+    """Show llama.cpp's own log on stderr (off by default)."""
+    global verbose
+    verbose = flag
+
+
+def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    msg = text.decode("utf-8", "replace") if text else ""
+    if verbose:
+        sys.stderr.write(msg)
+    if level in (_WARN, _ERROR):
+        _recent.append(msg.strip())
+    elif level == _CONT and _recent:
+        _recent[-1] += msg.rstrip("\n")
+
+
+def libs() -> tuple[ModuleType, ModuleType]:
+    """Return (llama_cpp, mtmd_cpp), importing and initialising them on first use."""
+    if "llama" not in _state:
+        try:
+            import llama_cpp
+            import llama_cpp.mtmd_cpp as mtmd
+        except (ImportError, OSError) as e:
+            raise Llama3vError(
+                f"cannot load llama.cpp through llama-cpp-python ({e}); run `make setup` in the llama3v "
+                "checkout, or see README.md, section 'The engine'") from e
+        callback = llama_cpp.llama_log_callback(_on_log)
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p())
+        mtmd.mtmd_log_set(callback, ctypes.c_void_p())
+        llama_cpp.llama_backend_init()
+        _state.update(llama=llama_cpp, mtmd=mtmd, callback=callback)  # keep the callback alive
+    return _state["llama"], _state["mtmd"]
+
+
+def take_log() -> str:
+    """The warnings and errors llama.cpp logged since the last call, joined (for error messages)."""
+    text = "; ".join(m for m in _recent if m)
+    _recent.clear()
+    return text
+
+
+def failure(what: str) -> Llama3vError:
+    """An error for a failed llama.cpp call, with what llama.cpp logged about it."""
+    detail = take_log()
+    return Llama3vError(f"{what}: {detail}" if detail else what)
+
+
+def default_threads() -> int:
+    """Threads for compute: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,74 @@
+"""Check GGUF files are what llama3v can run before llama.cpp opens them.
+
+llama.cpp trusts much of a GGUF: a u32 key written with another integer type, or a tensor that
+runs past the end of the file, can abort the whole process. On top of the bounds-checked header
+(gguf_header.py) this checks what llama3v needs of a model and an mmproj, so a bad file becomes
+a Llama3vError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from gguf import GGUFValueType
+
+from llama3v import gguf_schema as S
+from llama3v.errors import Llama3vError
+from llama3v.gguf_header import GGUFInfo, read_gguf
+
+V = GGUFValueType
+__all__ = ["GGUFInfo", "read_gguf", "check_llm", "check_mmproj", "check_pair"]
+
+
+def check_llm(info: GGUFInfo) -> int:
+    """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
+    arch = info.get("general.architecture")
+    if arch != S.LLM_ARCH:
+        raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
+    n_embd = info.get(S.EMBEDDING_LENGTH_LLM)
+    if info.kv.get(S.EMBEDDING_LENGTH_LLM, (None,))[0] != V.UINT32 or not n_embd:
+        raise info.fail(f"{S.EMBEDDING_LENGTH_LLM} missing or not a u32")
+    embd = info.tensors.get(S.TOKEN_EMBD)
+    if embd is None or embd.dims[0] != n_embd:
+        raise info.fail(f"{S.TOKEN_EMBD} missing or not {n_embd} wide")
+    return int(n_embd)
+
+
+def check_mmproj(info: GGUFInfo) -> int:
+    """Check an mmproj GGUF holds a vision encoder libmtmd can run safely; return its output width."""
+    if info.get("general.architecture") != S.CLIP_ARCH:
+        raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
+    for key, vtype in S.MMPROJ_REQUIRED.items():
+        if key not in info.kv:
+            raise info.fail(f"missing key {key}")
+        if info.kv[key][0] != vtype:
+            raise info.fail(f"key {key} has type {info.kv[key][0].name}, libmtmd requires {vtype.name}")
+    for key, vtype in S.MMPROJ_OPTIONAL.items():
+        if key in info.kv and info.kv[key][0] != vtype:
+            raise info.fail(f"key {key} has type {info.kv[key][0].name}, libmtmd requires {vtype.name}")
+    if info.get(S.PROJECTOR_TYPE) != S.PROJECTOR_MLP:
+        raise info.fail(f"projector type {info.get(S.PROJECTOR_TYPE)!r} is not supported (llama3v runs LLaVA 'mlp')")
+    if not info.get(S.HAS_VISION_ENCODER):
+        raise info.fail("the file has no vision encoder")
+    image, patch = info.get(S.IMAGE_SIZE), info.get(S.PATCH_SIZE)
+    if not patch or not image or image % patch:
+        raise info.fail(f"image size {image} is not a multiple of patch size {patch}")
+    for key in (S.IMAGE_MEAN, S.IMAGE_STD):
+        value = info.get(key)
+        if not isinstance(value, list) or len(value) != 3 or info.kv[key][1] is None:
+            raise info.fail(f"{key} must be 3 floats")
+    layers = info.get(S.FEATURE_LAYER) or []
+    if any(not 0 < k <= info.get(S.BLOCK_COUNT) for k in layers):
+        raise info.fail(f"feature layer {layers} is outside the {info.get(S.BLOCK_COUNT)} blocks")
+    out = info.tensors.get(S.PROJ_LAYER.format(idx=2, kind="weight")) or \
+        info.tensors.get(S.PROJ_LAYER.format(idx=0, kind="weight"))
+    if out is None:
+        raise info.fail("projector tensors (mm.0/mm.2) missing")
+    return out.rows
+
+
+def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
+    """Check an mmproj feeds embeddings of the width the model expects."""
+    n_embd, width = check_llm(model), check_mmproj(mmproj)
+    if n_embd != width:
+        raise Llama3vError(
+            f"{mmproj.path} projects to {width}-wide embeddings but {model.path} expects {n_embd}: "
+            "they do not belong together")

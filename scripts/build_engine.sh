@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build llama-cpp-python from its pinned sdist with our patches (patches/*.patch) into a
+# wheel cached under a key of version + build flags + patches, and print the wheel's path.
+#
+# pip's own wheel cache ignores CMAKE_ARGS and would hand back a stock (crashing) build, so the
+# wheel is built with `pip wheel --no-deps` and kept in our own cache, which a fresh clone on
+# the same machine reuses. ccache makes a rebuild with a changed patch take seconds.
+set -euo pipefail
+
+VERSION=0.3.36
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${LLAMA3V_CACHE:-$HOME/.cache/llama3v}
+PYTHON=${PYTHON:-python3}
+
+# Portable CPU build: the default -march=native build dies with SIGILL on CPUs that
+# advertise AMX (DESIGN.md). Apple builds get Metal from llama-cpp-python's own CMakeLists.
+FLAGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+FLAGS="$FLAGS ${LLAMA3V_CMAKE_ARGS:-}"
+
+key=$( { echo "$VERSION"; echo "$FLAGS"; uname -sm; cat "$ROOT"/patches/*.patch; } | sha256sum | cut -c1-16)
+wheel_dir="$CACHE/wheels/$VERSION-$key"
+if compgen -G "$wheel_dir/*.whl" >/dev/null; then
+    ls "$wheel_dir"/*.whl
+    exit 0
+fi
+
+echo "building llama-cpp-python $VERSION with patches ($key); this takes ~7 min on 2 cores" >&2
+sdist_dir="$CACHE/sdist"
+mkdir -p "$sdist_dir"
+sdist="$sdist_dir/llama_cpp_python-$VERSION.tar.gz"
+if [ ! -f "$sdist" ]; then
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$VERSION" -d "$sdist_dir" >&2
+fi
+
+# A fixed source path keeps ccache hits across patch changes.
+src="$CACHE/src/llama-cpp-python"
+rm -rf "$src"
+mkdir -p "$src"
+tar xzf "$sdist" -C "$src" --strip-components=1
+for p in "$ROOT"/patches/*.patch; do
+    echo "applying $(basename "$p")" >&2
+    patch -d "$src" -p1 --forward --quiet < "$p"
+done
+
+mkdir -p "$CACHE/wheels"
+tmp=$(mktemp -d "$CACHE/wheels/.tmp.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+export CMAKE_ARGS="$FLAGS"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}
+export CCACHE_BASEDIR="$src" CCACHE_NOHASHDIR=1
+"$PYTHON" -m pip wheel --no-deps "$src" -w "$tmp" \
+    --config-settings=build-dir="$CACHE/build/llama-cpp-python" >&2
+mkdir -p "$wheel_dir"
+mv "$tmp"/*.whl "$wheel_dir"/
+ls "$wheel_dir"/*.whl
