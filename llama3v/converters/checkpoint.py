@@ -78,7 +78,7 @@ class Checkpoint:
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, weights_required: bool = True) -> Checkpoint:
     """Index a checkpoint directory (single or sharded safetensors, or .bin) without loading weights."""
     root = Path(path)
     if not root.is_dir():
@@ -108,7 +108,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 ckpt.shapes[name] = tuple(t.shape)
                 ckpt.dtypes[name] = str(t.dtype).removeprefix("torch.")
         return ckpt
-    raise Llama3vError(f"{root}: no weights found (*.safetensors or pytorch_model*.bin)")
+    if weights_required:
+        raise Llama3vError(f"{root}: no weights found (*.safetensors or pytorch_model*.bin)")
+    return ckpt
 
 
 def _weight_files(root: Path, single: str, index: str, suffix: str) -> list[Path]:

@@ -194,12 +194,22 @@ def feature_layer_from(value: object) -> int:
     return value
 
 
-def select_strategy_from(value: str) -> None:
-    """Accept the strategies libmtmd can express: the class token dropped."""
-    if value in ("default", "patch"):
-        return
-    if value in ("full", "cls_patch"):
+def select_strategy_from(value: str, vision: VisionConfig) -> None:
+    """Accept the strategies libmtmd can express: every patch, and never the class token.
+
+    HF's "default" drops the first row whether or not it is a class token: right for CLIP, but for a
+    SigLIP tower (no class token) it drops patch 0, which libmtmd cannot do; SigLIP llava-hf models
+    use "full". The original layout's "patch" drops CLIP's class token and keeps every SigLIP patch
+    (Bunny's tower).
+    """
+    if value not in ("default", "patch", "full", "cls_patch"):
+        raise Llama3vError(f"unknown vision feature select strategy {value!r}")
+    keeps_first_row = value in ("full", "cls_patch") or (value == "patch" and not vision.is_clip)
+    if vision.is_clip and keeps_first_row:
         raise Llama3vError(
             f"vision feature select strategy {value!r} keeps the class token, which libmtmd always drops; "
             "this checkpoint cannot be expressed as a llama.cpp mmproj")
-    raise Llama3vError(f"unknown vision feature select strategy {value!r}")
+    if not vision.is_clip and not keeps_first_row:
+        raise Llama3vError(
+            f"vision feature select strategy {value!r} drops the first patch of a SigLIP tower (which has no "
+            "class token), which libmtmd cannot express; SigLIP LLaVA checkpoints use 'full'")

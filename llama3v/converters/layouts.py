@@ -116,7 +116,8 @@ def load_llava(src: str | Path, vision_tower: str | Path | None = None) -> Llava
             f"{main.root}: unsupported architecture {arch!r}; llama3v converts LLaVA-style checkpoints "
             "(LlavaForConditionalGeneration or the original LLaVA/xtuner/Bunny layout)")
 
-    tower = open_checkpoint(vision_tower) if vision_tower else _local_tower(main)
+    # A tower directory may hold only its config when the weights are in the main checkpoint.
+    tower = open_checkpoint(vision_tower, weights_required=False) if vision_tower else _local_tower(main)
     sources: dict[str, tuple[Checkpoint, str]] = {}
     for ckpt in ([tower] if tower else []) + [main]:  # the main checkpoint wins on overlap
         for name in ckpt.shapes:
@@ -138,18 +139,20 @@ def _local_tower(main: Checkpoint) -> Checkpoint | None:
         return None
     for candidate in (Path(ref), main.root / ref):
         if (candidate / "config.json").is_file():
-            return open_checkpoint(candidate)
+            return open_checkpoint(candidate, weights_required=False)
     return None
 
 
 def _llava_hf_config(main: Checkpoint) -> LlavaConfig:
     cfg = main.config
     vision = VisionConfig.from_dict(cfg["vision_config"])
-    text = TextConfig.from_dict(cfg["text_config"])
+    # transformers 5.x keeps tie_word_embeddings on the LLaVA config, not always on text_config.
+    text = TextConfig.from_dict({**cfg["text_config"], "tie_word_embeddings": bool(
+        cfg.get("tie_word_embeddings") or cfg["text_config"].get("tie_word_embeddings"))})
     act = cfg.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise Llama3vError(f"projector activation {act!r} is not supported (libmtmd's MLP projector uses gelu)")
-    select_strategy_from(cfg.get("vision_feature_select_strategy", "default"))
+    select_strategy_from(cfg.get("vision_feature_select_strategy", "default"), vision)
     proc = main.read_json("preprocessor_config.json") or {}
     return LlavaConfig(
         vision=vision,
@@ -182,7 +185,7 @@ def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) 
     kind = cfg.get("mm_projector_type", "linear")
     if kind not in ("linear", "mlp2x_gelu"):
         raise Llama3vError(f"projector type {kind!r} is not supported (linear or mlp2x_gelu)")
-    select_strategy_from(cfg.get("mm_vision_select_feature", "patch"))
+    select_strategy_from(cfg.get("mm_vision_select_feature", "patch"), vision)
     proc = (tower.read_json("preprocessor_config.json") if tower else None) or \
         main.read_json("preprocessor_config.json") or {}
     return LlavaConfig(

@@ -151,8 +151,9 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or (llama3_tokenizer() if spec.vocab == "llama3" else train_tiny())
     hf = layout.startswith("hf")
-    image_token_index = tok.vocab_size if hf else None
-    n_vocab = tok.vocab_size + (1 if hf else 0)
+    # Every layout gets the same vocabulary: llava-hf's image token is appended for all of them.
+    image_token_index = tok.vocab_size
+    n_vocab = tok.vocab_size + 1
     weights = build_weights(spec, n_vocab)
 
     main, tower = {}, {}
@@ -162,7 +163,7 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
         elif not (layout.startswith("original") and canon.startswith("vision.post_layernorm")):
             main[checkpoint_name(canon, layout, spec.projector)] = arr
     _write_weights(out, main, dtype, shards, fmt)
-    tok.write(out, {IMAGE_TOKEN: image_token_index} if hf else None)
+    tok.write(out, {IMAGE_TOKEN: image_token_index})
     preprocessor = _preprocessor_config(spec)
 
     vision_cfg = _vision_config(spec)
@@ -172,7 +173,8 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
             "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "vision_config": vision_cfg, "text_config": text_cfg, "image_token_index": image_token_index,
             "projector_hidden_act": "gelu", "vision_feature_layer": spec.feature_layer,
-            "vision_feature_select_strategy": "default", "image_seq_length": (spec.image_size // spec.patch_size) ** 2,
+            "vision_feature_select_strategy": "default" if spec.vision == "clip" else "full",
+            "image_seq_length": (spec.image_size // spec.patch_size) ** 2,
             "tie_word_embeddings": spec.tied, "multimodal_projector_bias": True,
         }
         _write_json(out / "preprocessor_config.json", preprocessor)

@@ -1,0 +1,100 @@
+"""How closely the llama.cpp path follows the PyTorch reference: the metrics and the two comparisons.
+
+NMSE = mean((x - ref)^2) / var(ref) over the whole [n_rows, n_embd] arrays (DESIGN.md, fidelity).
+Each side prepares nothing for the other: both start from the same uint8 tiles, llama.cpp encodes
+them with libmtmd, the reference with PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama3v.models.llava import LlavaReference
+from llama3v.runtime.encoder import VisionEncoder
+from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile
+from llama3v.runtime.session import Session
+
+
+def nmse(x: np.ndarray, ref: np.ndarray) -> float:
+    """Mean squared error over the variance of the reference."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if x.shape != ref.shape:
+        raise ValueError(f"shapes differ: {x.shape} vs {ref.shape}")
+    return float(np.mean((x - ref) ** 2) / np.var(ref))
+
+
+def mean_row_cosine(x: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over rows of the cosine similarity between matching rows."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    num = np.sum(x * ref, axis=1)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(ref, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-30)))
+
+
+def tiles_of(images: list[ImageInput], encoder: VisionEncoder) -> np.ndarray:
+    """The uint8 tiles both sides encode, [n, size, size, 3]."""
+    return np.stack([prepare_tile(load_image(img), encoder.spec) for img in images])
+
+
+@dataclass
+class EmbeddingParity:
+    """llama.cpp's image embeddings against the reference's."""
+
+    nmse: float
+    cosine: float
+    n_rows: int
+
+
+def embedding_parity(reference: LlavaReference, encoder: VisionEncoder, images: list[ImageInput]) -> EmbeddingParity:
+    """Encode the same tiles on both sides and compare the rows."""
+    tiles = tiles_of(images, encoder)
+    ours = np.concatenate([encoder.encode(t) for t in tiles])
+    ref = reference.encode_tiles(tiles)
+    return EmbeddingParity(nmse(ours, ref), mean_row_cosine(ours, ref), len(ref))
+
+
+@dataclass
+class GenerationParity:
+    """Greedy tokens and prompt predictions of llama.cpp against the reference."""
+
+    tokens: list[int]
+    reference_tokens: list[int]
+    margins: list[float]  # reference top-1 minus top-2 logit at each generated step
+    prompt_top1_agree: int
+    n_prompt: int
+    max_logit_diff: float  # over all prompt positions
+    prompt_margin_ratio: float  # min over prompt positions of (reference top-1 margin) / (max |logit diff| there)
+
+    @property
+    def tokens_equal(self) -> bool:
+        """The generated tokens are the reference's."""
+        return self.tokens == self.reference_tokens[:len(self.tokens)]
+
+
+def generation_parity(reference: LlavaReference, session: Session, prompt: str, images: list[ImageInput],
+                      n_steps: int = 16) -> GenerationParity:
+    """Greedy-generate `n_steps` on both sides from the same prompt and images; compare tokens and logits."""
+    gen = session.generate(prompt, images=images, temperature=0, max_tokens=n_steps, all_logits=True)
+    result = gen.wait()
+    if result.n_reused:
+        raise ValueError("generation parity needs a session whose KV cache does not already hold the prompt")
+    ours = session.prompt_logits
+    rows = reference.encode_tiles(tiles_of(images, session.encoder)) if images else None
+    ref_logits = reference.logits(result.prompt_tokens, rows)
+    ref_tokens, margins = reference.greedy(result.prompt_tokens, rows, n_steps)
+    return GenerationParity(
+        tokens=result.tokens,
+        reference_tokens=ref_tokens,
+        margins=margins,
+        prompt_top1_agree=int(np.sum(ours.argmax(1) == ref_logits.argmax(1))),
+        n_prompt=len(ref_logits),
+        max_logit_diff=float(np.max(np.abs(ours - ref_logits))),
+        prompt_margin_ratio=float(np.min(_margins(ref_logits) / np.max(np.abs(ours - ref_logits), axis=1))),
+    )
+
+
+def _margins(logits: np.ndarray) -> np.ndarray:
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
