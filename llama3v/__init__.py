@@ -1,3 +1,20 @@
 """llama3v: local LLaVA-style vision-language models on llama.cpp."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llama3v.errors import Llama3vError
+
+if TYPE_CHECKING:
+    from llama3v.runtime.session import Session
+
 __version__ = "0.1.0"
+__all__ = ["Llama3vError", "load", "__version__"]
+
+
+def load(model_path: str, mmproj_path: str | None = None, **options: object) -> Session:
+    """Load a model GGUF and (optionally) its mmproj into a Session; options as Session takes them."""
+    from llama3v.runtime.session import Session
+
+    return Session(model_path, mmproj_path, **options)

@@ -248,6 +248,11 @@ class Session:
             return self.ctx.decode_tokens(run[skip:], all_logits)
         return self.ctx.decode_embeddings(run.data()[skip:], all_logits)
 
+    def reset(self) -> None:
+        """Forget the conversation held in the KV cache (encoded images stay cached)."""
+        self._held = []
+        self.ctx.truncate(0)
+
     def close(self) -> None:
         """Free llama.cpp's resources."""
         for part in (getattr(self, "encoder", None), getattr(self, "ctx", None), getattr(self, "model", None)):
