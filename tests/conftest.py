@@ -45,8 +45,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drawn 640x488 scene (the photo's size): the image tests use wherever any picture will do."""
+    path = tmp_path_factory.mktemp("picture") / "picture.png"
+    scene(7, 640, 488).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def photo() -> Path:
-    """The real photo from ../shared/testdata."""
+    """The real photo from ../shared/testdata (tests that need a real photograph)."""
     path = TESTDATA / "photo.jpeg"
     if not path.is_file():
         pytest.skip(f"{TESTDATA} is absent (a checkout outside this team's machines)")

@@ -93,11 +93,11 @@ def test_model_given_as_mmproj(built, bad_files):
         VisionEncoder(bad_files["model as mmproj"])
 
 
-def test_prompt_longer_than_the_context(built, photo):
+def test_prompt_longer_than_the_context(built, picture):
     with Session(built.model, built.mmproj, n_ctx=256) as s:
         with pytest.raises(Llama3vError, match=r"needs \d+ positions \(16 for media\) but the context holds 256"):
-            s.generate("word " * 400, images=[photo])
-        ok = s.generate("Still working?", images=[photo], temperature=0, max_tokens=2).wait()
+            s.generate("word " * 400, images=[picture])
+        ok = s.generate("Still working?", images=[picture], temperature=0, max_tokens=2).wait()
     assert len(ok.tokens) == 2, "the session still works after a refused prompt"
 
 
@@ -107,8 +107,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("case", ["truncated image", "not an image", "truncated model", "truncated mmproj",
                                   "mismatched mmproj", "wrong key type", "prompt too long"])
-def test_cli_bad_input_is_one_line_and_exit_1(built, bad_files, photo, case):
-    model, mmproj, image, prompt = built.model, built.mmproj, photo, "What is this?"
+def test_cli_bad_input_is_one_line_and_exit_1(built, bad_files, picture, case):
+    model, mmproj, image, prompt = built.model, built.mmproj, picture, "What is this?"
     if case in ("truncated image", "not an image"):
         image = bad_files[case]
     elif case == "truncated model":

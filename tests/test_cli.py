@@ -34,8 +34,8 @@ def test_convert_writes_both_files_and_prints_their_paths(built, tmp_path):
     assert (tmp_path / "model-q8_0.gguf").stat().st_size < built.model.stat().st_size
 
 
-def test_run_json(built, photo):
-    r = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(photo),
+def test_run_json(built, picture):
+    r = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(picture),
              "-p", "Describe <image> briefly.", "-n", "6", "--temp", "0", "--json", "--n-ctx", "512")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -44,22 +44,22 @@ def test_run_json(built, photo):
     assert len(out["tokens"]) == 6 and out["n_prompt_tokens"] == len(out["prompt_tokens"])
     assert out["prompt_tokens"].count(None) == 16
     with Session(built.model, built.mmproj, n_ctx=512) as s:
-        api = s.generate("Describe <image> briefly.", images=[photo], temperature=0, max_tokens=6).wait()
+        api = s.generate("Describe <image> briefly.", images=[picture], temperature=0, max_tokens=6).wait()
     assert out["tokens"] == api.tokens and out["text"] == api.text
     assert out["prompt_tokens"] == api.prompt_tokens
 
 
-def test_run_streams_text(built, photo):
-    r = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(photo),
+def test_run_streams_text(built, picture):
+    r = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(picture),
              "-p", "Describe.", "-n", "6", "--temp", "0")
-    j = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(photo),
+    j = _cli("run", "--model", str(built.model), "--mmproj", str(built.mmproj), "--image", str(picture),
              "-p", "Describe.", "-n", "6", "--temp", "0", "--json")
     assert r.returncode == 0 and r.stdout == json.loads(j.stdout)["text"] + "\n"
 
 
-def test_embed_writes_rows_and_layout(built, photo, scenes_dir, tmp_path):
+def test_embed_writes_rows_and_layout(built, picture, scenes_dir, tmp_path):
     out = tmp_path / "emb.npy"
-    r = _cli("embed", "--mmproj", str(built.mmproj), "--image", str(photo), "--image", str(scenes_dir[1]),
+    r = _cli("embed", "--mmproj", str(built.mmproj), "--image", str(picture), "--image", str(scenes_dir[1]),
              "-o", str(out))
     assert r.returncode == 0, r.stderr
     rows = np.load(out)

@@ -66,17 +66,24 @@ def test_unpatched_engine_is_refused_for_clip(monkeypatch, tiny):
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_mmproj_embeddings_within_bounds(tiny, references, photo, scenes_dir, name, outtype):
+def test_mmproj_embeddings_within_bounds(tiny, references, picture, scenes_dir, name, outtype):
     encoder = VisionEncoder(tiny(SPECS[name], "hf-5", outtype).mmproj, flash_attn=False)
-    parity = embedding_parity(references(name), encoder, [photo, *scenes_dir])
+    parity = embedding_parity(references(name), encoder, [picture, *scenes_dir])
     print(f"{name} {outtype}: NMSE {parity.nmse:.3e} cosine {parity.cosine:.6f} rows {parity.n_rows}")
     assert parity.nmse < BOUNDS[outtype]
 
 
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_real_photo_within_bounds(tiny, references, photo, outtype):
+    name = "clip-gelu-q8able"
+    encoder = VisionEncoder(tiny(SPECS[name], "hf-5", outtype).mmproj, flash_attn=False)
+    assert embedding_parity(references(name), encoder, [photo]).nmse < BOUNDS[outtype]
+
+
 @pytest.mark.parametrize("name", list(SPECS))
-def test_random_towers_depend_on_the_image(tiny, references, photo, scenes_dir, name):
+def test_random_towers_depend_on_the_image(tiny, references, picture, scenes_dir, name):
     encoder = VisionEncoder(tiny(SPECS[name], "hf-5", "f32").mmproj)
-    a, b = (encoder.encode(t) for t in tiles_of([photo, scenes_dir[0]], encoder))
+    a, b = (encoder.encode(t) for t in tiles_of([picture, scenes_dir[0]], encoder))
     assert nmse(a, b) > 1000 * BOUNDS["f32"]
 
 
@@ -84,24 +91,24 @@ def test_random_towers_depend_on_the_image(tiny, references, photo, scenes_dir, 
 # margin over the measured numeric error: ggml's fp16 GELU tables put ~5e-4 relative error on the
 # image rows (NMSE ~4e-7, within the F32 bound), which reaches the logits as ~1e-2.
 E2E = {
-    "clip-gqa": (TinySpec(seed=2), "Describe the picture."),
-    "siglip": (TinySpec(vision="siglip", vision_ff=96, image_size=64, patch_size=8, feature_layer=-1, seed=5),
+    "clip-gqa": (TinySpec(seed=1), "Describe the picture."),
+    "siglip": (TinySpec(vision="siglip", vision_ff=96, image_size=64, patch_size=8, feature_layer=-1, seed=1),
                "What is in the image?"),
-    "llama3-rope-long": (TinySpec(seed=11, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 64}),
+    "llama3-rope-long": (TinySpec(seed=4, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 64}),
                          "Describe the scene: " + "the red square, the blue circle and the green line. " * 12),
 }
 
 
-def _parity(tiny, photo, spec, prompt):
+def _parity(tiny, picture, spec, prompt):
     built = tiny(spec, "hf-5", "f32")
     reference = LlavaReference.from_checkpoint(built.ckpt)
     with Session(built.model, built.mmproj, n_ctx=1024, kv_type="f32", flash_attn=False) as session:
-        return generation_parity(reference, session, prompt, [photo], n_steps=16)
+        return generation_parity(reference, session, prompt, [picture], n_steps=16)
 
 
 @pytest.mark.parametrize("name", list(E2E))
-def test_greedy_generation_matches_the_reference(tiny, photo, name):
-    p = _parity(tiny, photo, *E2E[name])
+def test_greedy_generation_matches_the_reference(tiny, picture, name):
+    p = _parity(tiny, picture, *E2E[name])
     print(f"{name}: tokens {p.tokens} prompt {p.n_prompt} max prompt logit diff {p.max_logit_diff:.2e} "
           f"min step margin {min(p.margins):.3f} min prompt margin/error {p.prompt_margin_ratio:.2f}")
     if name == "llama3-rope-long":
@@ -114,9 +121,9 @@ def test_greedy_generation_matches_the_reference(tiny, photo, name):
     assert p.prompt_margin_ratio > 2, "each prompt position's top-1 margin exceeds its numeric error"
 
 
-def test_tied_head_prompt_predictions_match(tiny, photo):
+def test_tied_head_prompt_predictions_match(tiny, picture):
     """A tied random head repeats its input token when generating, so only prompt positions are compared."""
-    spec = TinySpec(vision_layers=1, feature_layer=-1, tied=True, text_layers=3, text_ff=320, seed=5)
-    p = _parity(tiny, photo, spec, "What is in the image?")
+    spec = TinySpec(vision_layers=1, feature_layer=-1, tied=True, text_layers=3, text_ff=320, seed=6)
+    p = _parity(tiny, picture, spec, "What is in the image?")
     assert p.prompt_top1_agree == p.n_prompt
     assert p.prompt_margin_ratio > 2

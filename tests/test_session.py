@@ -35,11 +35,11 @@ def _none_runs(prompt_tokens: list) -> list[tuple[int, int]]:
     return runs
 
 
-def test_two_images_each_at_its_marker(built, photo, scenes_dir):
+def test_two_images_each_at_its_marker(built, picture, scenes_dir):
     reference = LlavaReference.from_checkpoint(built.ckpt)
     with _session(built) as s:
-        p = generation_parity(reference, s, "Compare <image> with <image> please.", [photo, scenes_dir[0]], 8)
-        result = s.generate("Compare <image> with <image> please.", images=[photo, scenes_dir[0]],
+        p = generation_parity(reference, s, "Compare <image> with <image> please.", [picture, scenes_dir[0]], 8)
+        result = s.generate("Compare <image> with <image> please.", images=[picture, scenes_dir[0]],
                             temperature=0, max_tokens=1).wait()
     assert p.prompt_top1_agree == p.n_prompt, "the reference fills the first marker with the first image"
     runs = _none_runs(result.prompt_tokens)
@@ -48,13 +48,13 @@ def test_two_images_each_at_its_marker(built, photo, scenes_dir):
     with _session(built) as s:
         assert between == s.model.tokenize(" with ")
     with _session(built) as s:
-        swapped = generation_parity(reference, s, "Compare <image> with <image> please.", [scenes_dir[0], photo], 8)
+        swapped = generation_parity(reference, s, "Compare <image> with <image> please.", [scenes_dir[0], picture], 8)
     assert swapped.tokens != p.tokens, "the order of the images matters"
 
 
-def test_media_without_markers_go_before_the_text(built, photo):
+def test_media_without_markers_go_before_the_text(built, picture):
     with _session(built) as s:
-        result = s.generate("What is this?", images=[photo], temperature=0, max_tokens=1).wait()
+        result = s.generate("What is this?", images=[picture], temperature=0, max_tokens=1).wait()
         text = s.model.tokenize("\nWhat is this?")
     (start, n), = _none_runs(result.prompt_tokens)
     assert n == 16
@@ -62,13 +62,13 @@ def test_media_without_markers_go_before_the_text(built, photo):
 
 
 @pytest.mark.parametrize("prompt,images", [("<image> and <image>", 1), ("no marker <image>", 2), ("<video>", 1)])
-def test_marker_count_must_match(built, photo, prompt, images):
+def test_marker_count_must_match(built, picture, prompt, images):
     with _session(built) as s, pytest.raises(Llama3vError, match="marker"):
-        s.generate(prompt, images=[photo] * images)
+        s.generate(prompt, images=[picture] * images)
 
 
-def test_follow_up_reuses_kv_and_encodes_nothing(built, photo):
-    history = [{"role": "user", "content": [{"type": "image", "image": str(photo)},
+def test_follow_up_reuses_kv_and_encodes_nothing(built, picture):
+    history = [{"role": "user", "content": [{"type": "image", "image": str(picture)},
                                             {"type": "text", "text": "What is in the image?"}]}]
     with _session(built) as s:
         first = s.chat(history, temperature=0, max_tokens=8).wait()
@@ -85,14 +85,14 @@ def test_follow_up_reuses_kv_and_encodes_nothing(built, photo):
     assert second.tokens == cold.tokens
 
 
-def test_reused_prefix_gives_the_same_logits(built, photo):
+def test_reused_prefix_gives_the_same_logits(built, picture):
     with _session(built) as s:
-        s.generate("Describe <image>.", images=[photo], temperature=0, max_tokens=4).wait()
-        warm = s.generate("Describe <image> in detail.", images=[photo], temperature=0, max_tokens=4,
+        s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=4).wait()
+        warm = s.generate("Describe <image> in detail.", images=[picture], temperature=0, max_tokens=4,
                           all_logits=True).wait()
         warm_logits = s.prompt_logits
     with _session(built) as s:
-        cold = s.generate("Describe <image> in detail.", images=[photo], temperature=0, max_tokens=4,
+        cold = s.generate("Describe <image> in detail.", images=[picture], temperature=0, max_tokens=4,
                           all_logits=True).wait()
         cold_logits = s.prompt_logits
     assert warm.n_reused > 16 and warm.n_encodes == 0
@@ -100,9 +100,9 @@ def test_reused_prefix_gives_the_same_logits(built, photo):
     assert warm.tokens == cold.tokens
 
 
-def test_a_changed_image_is_encoded(built, photo, scenes_dir):
+def test_a_changed_image_is_encoded(built, picture, scenes_dir):
     with _session(built) as s:
-        s.generate("Describe <image>.", images=[photo], temperature=0, max_tokens=2).wait()
+        s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=2).wait()
         other = s.generate("Describe <image>.", images=[scenes_dir[1]], temperature=0, max_tokens=2).wait()
     assert other.n_encodes == 1
     assert other.n_reused < other.prompt_tokens.index(None) + 1
@@ -126,37 +126,37 @@ def test_encode_cache_is_bounded():
     assert calls == [0, 1, 2, 3, 0]
 
 
-def test_seeded_sampling_is_reproducible(built, photo):
+def test_seeded_sampling_is_reproducible(built, picture):
     outs = []
     for seed in (7, 7, 8):
         with _session(built) as s:
-            outs.append(s.generate("Describe <image>.", images=[photo], temperature=1.0, top_k=50, top_p=0.95,
+            outs.append(s.generate("Describe <image>.", images=[picture], temperature=1.0, top_k=50, top_p=0.95,
                                    seed=seed, max_tokens=12).wait().tokens)
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
 
 
-def test_stop_string_ends_the_answer(built, photo):
+def test_stop_string_ends_the_answer(built, picture):
     with _session(built) as s:
-        full = s.generate("Describe <image>.", images=[photo], temperature=0, max_tokens=12).wait()
+        full = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=12).wait()
         cut = full.text[3:6]
-        stopped = s.generate("Describe <image>.", images=[photo], temperature=0, max_tokens=12, stop=[cut]).wait()
+        stopped = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=12, stop=[cut]).wait()
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[:full.text.index(cut)]
 
 
-def test_streamed_pieces_make_the_text(built, photo):
+def test_streamed_pieces_make_the_text(built, picture):
     with _session(built) as s:
-        gen = s.generate("Describe <image>.", images=[photo], temperature=0, max_tokens=12)
+        gen = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=12)
         pieces = list(gen)
     assert len(pieces) > 1 and "".join(pieces) == gen.result.text
     assert gen.result.finish_reason == "length" and len(gen.result.tokens) == 12
 
 
-def test_generation_stops_at_the_context_end(tiny, photo):
-    built = tiny(TinySpec(), "hf-5", "f32")  # this seed does not end its turn within 256 positions
+def test_generation_stops_at_the_context_end(tiny, picture):
+    built = tiny(TinySpec(seed=1), "hf-5", "f32")  # this seed does not end its turn within 256 positions
     with _session(built, n_ctx=64) as s:
         assert s.ctx.n_ctx == 256, "llama.cpp rounds the context up to a multiple of 256"
-        result = s.generate("Hi <image>", images=[photo], temperature=0, max_tokens=500).wait()
+        result = s.generate("Hi <image>", images=[picture], temperature=0, max_tokens=500).wait()
     assert result.finish_reason == "length"
     assert result.n_prompt_tokens + len(result.tokens) == 256, "generation fills the context, no further"
