@@ -27,7 +27,12 @@ def _add_media(p: argparse.ArgumentParser) -> None:
                    help="an image file (repeatable); goes at the next <image> marker of the prompt")
     p.add_argument("--video", dest="video", action=_Media, metavar="PATH",
                    help="a video file (repeatable); goes at the next <video> marker of the prompt")
-    p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="most tiles per image")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N",
+                   help="high-resolution images: the largest tile grid (LLaVA-NeXT), or up to N slices plus a "
+                   "global view for single-resolution models (default: the model's own behaviour, no slices)")
+    p.add_argument("--image-layout", choices=("hf", "llama.cpp"), default=None,
+                   help="LLaVA-NeXT embedding layout: 'hf' (unpadded, newline per row; the default when the "
+                   "mmproj has the newline vector) or 'llama.cpp' (tiles, then the base view)")
     p.add_argument("--max-video-tokens", type=int, default=None, metavar="N", help="token budget per video")
     p.set_defaults(media=[])
 
@@ -133,7 +138,8 @@ def _embed(args: argparse.Namespace) -> int:
     from llama3v.runtime.embed import embed_to_files
 
     _check_media_options(args)
-    embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads)
+    embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads, max_tiles=args.max_tiles,
+                   image_layout=args.image_layout)
     return 0
 
 
@@ -141,8 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     from llama3v.runtime.session import Session
 
     _check_media_options(args)
-    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
-                 n_gpu_layers=args.n_gpu_layers) as session:
+    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                 max_tiles=args.max_tiles, image_layout=args.image_layout) as session:
         gen = session.generate(args.prompt, media=args.media, system=args.system, max_tokens=args.n_predict,
                                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         for piece in gen:
@@ -156,6 +162,10 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if args.verbose:
             t = result.timings
+            for m in result.media:
+                per_tile = ", ".join(f"{ms:.0f}" for ms in m.get("tile_encode_ms", []))
+                print(f"{m['kind']} {m['media']}: {m.get('layout')} grid {m.get('grid')}, {m.get('n_tiles')} tiles, "
+                      f"{m['rows']} rows, encode ms per tile [{per_tile}]", file=sys.stderr)
             print(f"prompt {result.n_prompt_tokens} tokens, encode {t['encode_ms']:.0f} ms, "
                   f"prompt {t['prompt_ms']:.0f} ms, decode {len(result.tokens)} tokens "
                   f"at {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -171,8 +181,6 @@ def _demo(args: argparse.Namespace) -> int:
 def _check_media_options(args: argparse.Namespace) -> None:
     if any(k == "video" for k, _ in args.media) or args.max_video_tokens is not None:
         raise Llama3vError("video input is not available yet in this version")
-    if args.max_tiles is not None:
-        raise Llama3vError("--max-tiles is not available yet in this version (images use one tile)")
 
 
 _COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "demo": _demo}

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from llama3v.errors import Llama3vError
@@ -185,3 +186,14 @@ def _check_tensor(path: Path, name: str, dims: tuple[int, ...], raw_type: int, o
     return Tensor(dims, qtype, data_start + offset, nbytes)
 
 
+
+
+def read_tensor(info: GGUFInfo, name: str) -> np.ndarray:
+    """One f32 or f16 tensor's values as float32, numpy order (for small tensors the runtime needs)."""
+    t = info.tensors[name]
+    dtypes = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+    if t.type not in dtypes:
+        raise Llama3vError(f"{info.path}: tensor {name!r} is {t.type.name}; expected F32 or F16")
+    count = t.nbytes // np.dtype(dtypes[t.type]).itemsize
+    data = np.fromfile(info.path, dtype=dtypes[t.type], count=count, offset=t.offset)
+    return data.astype(np.float32).reshape(tuple(reversed(t.dims)))

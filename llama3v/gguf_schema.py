@@ -53,7 +53,7 @@ MMPROJ_OPTIONAL: dict[str, GGUFValueType] = {
 PROJECTOR_MLP = "mlp"
 
 # --- mmproj: llama3v's own keys (upstream ignores them) ----------------------------------------
-PREPROCESS_MODE = "llama3v.preprocess.mode"  # resize | squash | pad (docs/formats.md)
+PREPROCESS_MODE = "llama3v.preprocess.mode"  # resize | squash | pad: single-tile mode (docs/formats.md)
 PROJECTOR_KIND = "llama3v.projector.kind"  # mlp2x_gelu | linear: what the checkpoint had
 SOURCE_FEATURE_LAYER = "llama3v.vision.hf_feature_layer"  # the checkpoint's own index (-2 etc.)
 KEPT_PRECISION = "llama3v.quant.kept_precision"  # tensors the quantizer left in high precision
@@ -63,6 +63,7 @@ CLASS_EMBD = "v.class_embd"
 PATCH_EMBD = "v.patch_embd.weight"
 PATCH_BIAS = "v.patch_embd.bias"
 POSITION_EMBD = "v.position_embd.weight"
+IMAGE_NEWLINE = "v.image_newline"  # LLaVA-NeXT's row separator; libmtmd loads it for LLaVA but does not use it
 PRE_LN = "v.pre_ln.{}"
 VISION_BLOCK = "v.blk.{bid}.{part}.{kind}"  # part: attn_q attn_k attn_v attn_out ln1 ln2 ffn_up ffn_down
 PROJ_LAYER = "mm.{idx}.{kind}"  # idx 0 and 2: the LLaVA MLP's two linear layers

@@ -291,3 +291,22 @@ def test_failure_mid_write_leaves_the_destination_untouched(tmp_path, tiny, monk
         convert(built.ckpt, out, "f32", "f32", force=True)
     assert (out / "model-f32.gguf").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["mmproj-f32.gguf", "model-f32.gguf"], "no partial files"
+
+
+def test_llava_next_pinpoints_merge_type_and_newline(tiny):
+    from transformers import LlavaNextForConditionalGeneration
+
+    spec = TinySpec(grid_pinpoints=((56, 112), (112, 56), (112, 112), (168, 56)), seed=3)
+    built = tiny(spec, "hf-5", "f32")
+    fields = gguf_fields(built.mmproj)
+    assert fields["clip.vision.image_grid_pinpoints"][1] == [112, 56, 56, 112, 112, 112, 56, 168], "(width, height)"
+    assert fields["clip.vision.mm_patch_merge_type"][1] == "spatial_unpad"
+    assert fields["llama3v.preprocess.mode"][1] == "squash", "LLaVA-NeXT's base view"
+    model = LlavaNextForConditionalGeneration.from_pretrained(built.ckpt, dtype=torch.float32)
+    newline = gguf_tensors(built.mmproj)["v.image_newline"]
+    np.testing.assert_array_equal(newline, model.model.image_newline.detach().numpy())
+    for layout in ("hf-4.52", "original"):
+        other = gguf_tensors(tiny(spec, layout, "f32").mmproj)
+        np.testing.assert_array_equal(other["v.image_newline"], newline, err_msg=layout)
+        assert gguf_fields(tiny(spec, layout, "f32").mmproj)["clip.vision.image_grid_pinpoints"] == \
+            fields["clip.vision.image_grid_pinpoints"]

@@ -169,8 +169,10 @@ class LlavaConfig:
     vision_feature_layer: int  # HF index into hidden_states (-2: second to last block)
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    preprocess: str  # "resize" (CLIP), "squash" (SigLIP) or "pad" (LLaVA-1.5)
+    preprocess: str  # "resize" (CLIP), "squash" (SigLIP, LLaVA-NeXT's base view) or "pad" (LLaVA-1.5)
     image_token_index: int | None = None
+    grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT: (height, width) tiling grids
+    patch_merge: str = "flat"  # LLaVA-NeXT: "spatial_unpad" (unpad + image newline) or "flat"
 
     @property
     def n_feature_blocks(self) -> int:
@@ -181,6 +183,19 @@ class LlavaConfig:
             raise Llama3vError(
                 f"vision_feature_layer {self.vision_feature_layer} is outside the tower's {n} layers")
         return k
+
+
+def pinpoints_from(value: object, vision: VisionConfig) -> list[tuple[int, int]]:
+    """Validate LLaVA-NeXT's `image_grid_pinpoints`: (height, width) pairs, multiples of the tower size."""
+    try:
+        pairs = [(int(h), int(w)) for h, w in value]
+    except (TypeError, ValueError):
+        raise Llama3vError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {value!r}") from None
+    bad = [p for p in pairs if p[0] <= 0 or p[1] <= 0 or p[0] % vision.image_size or p[1] % vision.image_size]
+    if not pairs or bad:
+        raise Llama3vError(f"image_grid_pinpoints {bad or value} are not multiples of the tower size "
+                           f"{vision.image_size}")
+    return pairs
 
 
 def feature_layer_from(value: object) -> int:

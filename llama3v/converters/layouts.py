@@ -29,6 +29,7 @@ from llama3v.converters.config import (
     TextConfig,
     VisionConfig,
     feature_layer_from,
+    pinpoints_from,
     select_strategy_from,
 )
 from llama3v.errors import Llama3vError
@@ -106,7 +107,7 @@ def load_llava(src: str | Path, vision_tower: str | Path | None = None) -> Llava
     """Open a LLaVA-style checkpoint directory (and, optionally, a separate vision tower directory)."""
     main = open_checkpoint(src)
     cfg = main.config
-    if "vision_config" in cfg and "text_config" in cfg:
+    if "vision_config" in cfg and "text_config" in cfg and cfg.get("model_type", "llava") in ("llava", "llava_next"):
         layout = "llava-hf"
     elif any(k in cfg for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
         layout = "llava-original"
@@ -129,6 +130,8 @@ def load_llava(src: str | Path, vision_tower: str | Path | None = None) -> Llava
         config = _llava_hf_config(main)
     else:
         config = _original_config(main, tower, sources)
+    if config.patch_merge == "spatial_unpad" and "image_newline" not in sources:
+        raise Llama3vError(f"{main.root}: a LLaVA-NeXT checkpoint without its image_newline tensor")
     return LlavaCheckpoint(config=config, layout=layout, main=main, _sources=sources)
 
 
@@ -154,6 +157,7 @@ def _llava_hf_config(main: Checkpoint) -> LlavaConfig:
         raise Llama3vError(f"projector activation {act!r} is not supported (libmtmd's MLP projector uses gelu)")
     select_strategy_from(cfg.get("vision_feature_select_strategy", "default"), vision)
     proc = main.read_json("preprocessor_config.json") or {}
+    next_ = cfg.get("model_type") == "llava_next"
     return LlavaConfig(
         vision=vision,
         text=text,
@@ -161,8 +165,11 @@ def _llava_hf_config(main: Checkpoint) -> LlavaConfig:
         vision_feature_layer=feature_layer_from(cfg.get("vision_feature_layer", -2)),
         image_mean=_triple(proc, "image_mean", vision),
         image_std=_triple(proc, "image_std", vision),
-        preprocess=_preprocess_mode(vision, pad=bool(proc.get("do_pad", False))),
+        # LLaVA-NeXT's base view is the image squashed to the tower size; its do_pad pads batches.
+        preprocess="squash" if next_ else _preprocess_mode(vision, pad=bool(proc.get("do_pad", False))),
         image_token_index=cfg.get("image_token_index", cfg.get("image_token_id")),
+        grid_pinpoints=pinpoints_from(cfg.get("image_grid_pinpoints"), vision) if next_ else None,
+        patch_merge="spatial_unpad" if next_ else "flat",
     )
 
 
@@ -188,6 +195,7 @@ def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) 
     select_strategy_from(cfg.get("mm_vision_select_feature", "patch"), vision)
     proc = (tower.read_json("preprocessor_config.json") if tower else None) or \
         main.read_json("preprocessor_config.json") or {}
+    anyres = str(cfg.get("image_aspect_ratio", "")).startswith("anyres")
     return LlavaConfig(
         vision=vision,
         text=TextConfig.from_dict(cfg),
@@ -196,8 +204,10 @@ def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) 
         vision_feature_layer=feature_layer_from(cfg.get("mm_vision_select_layer", -2)),
         image_mean=_triple(proc, "image_mean", vision),
         image_std=_triple(proc, "image_std", vision),
-        preprocess=_preprocess_mode(vision, pad=cfg.get("image_aspect_ratio") == "pad"),
+        preprocess="squash" if anyres else _preprocess_mode(vision, pad=cfg.get("image_aspect_ratio") == "pad"),
         image_token_index=None,
+        grid_pinpoints=pinpoints_from(cfg.get("image_grid_pinpoints"), vision) if anyres else None,
+        patch_merge="spatial_unpad" if anyres and "unpad" in cfg.get("mm_patch_merge_type", "") else "flat",
     )
 
 

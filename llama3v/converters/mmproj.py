@@ -25,6 +25,8 @@ def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[Te
         # legacy files), which would silently misread this tower.
         raise Llama3vError("vision towers with intermediate_size == hidden_size are misread by libmtmd")
     names = tensor_map.vision_tensors(cfg.vision.is_clip, cfg.n_feature_blocks)
+    if cfg.patch_merge == "spatial_unpad":
+        names.update(tensor_map.NEXT_ONLY)
     plans = [_plan(ckpt, src, dst, outtype) for src, dst in names.items()]
     return plans + _projector_plans(ckpt, outtype)
 
@@ -100,6 +102,10 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
         # Written explicitly: without it libmtmd runs block_count - 1 blocks (upstream #25817).
         w.add_array(S.FEATURE_LAYER, [cfg.n_feature_blocks])
         w.add_string(S.PREPROCESS_MODE, cfg.preprocess)
+        if cfg.grid_pinpoints:
+            # libmtmd reads (width, height) pairs; HF writes (height, width).
+            w.add_array(S.GRID_PINPOINTS, [v for h, wd in cfg.grid_pinpoints for v in (wd, h)])
+            w.add_string(S.PATCH_MERGE_TYPE, cfg.patch_merge)
         w.add_string(S.PROJECTOR_KIND, cfg.projector)
         w.add_int32(S.SOURCE_FEATURE_LAYER, cfg.vision_feature_layer)
         w.add_array(S.KEPT_PRECISION, kept)

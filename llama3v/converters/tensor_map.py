@@ -32,6 +32,9 @@ CLIP_ONLY = {
 SIGLIP_ONLY = {
     "vision.embeddings.patch_embedding.bias": S.PATCH_BIAS,
 }
+NEXT_ONLY = {
+    "image_newline": S.IMAGE_NEWLINE,
+}
 PROJECTOR = {
     "projector.linear_1.weight": S.PROJ_LAYER.format(idx=0, kind="weight"),
     "projector.linear_1.bias": S.PROJ_LAYER.format(idx=0, kind="bias"),

@@ -7,13 +7,13 @@ them with libmtmd, the reference with PyTorch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile
+from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile, process_image
 from llama3v.runtime.session import Session
 
 
@@ -36,6 +36,20 @@ def mean_row_cosine(x: np.ndarray, ref: np.ndarray) -> float:
 def tiles_of(images: list[ImageInput], encoder: VisionEncoder) -> np.ndarray:
     """The uint8 tiles both sides encode, [n, size, size, 3]."""
     return np.stack([prepare_tile(load_image(img), encoder.spec) for img in images])
+
+
+def reference_rows(reference: LlavaReference, encoder: VisionEncoder, image: ImageInput,
+                   max_tiles: int | None = None, layout_style: str | None = None) -> np.ndarray:
+    """The rows the reference feeds the LLM for one image, from the runtime's tiles and layout."""
+    spec = replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
+    processed = process_image(load_image(image), spec)
+    layout = processed.layout
+    if layout.kind != "anyres":  # single tile, or global view + slices (separators are prompt text)
+        return reference.encode_tiles(processed.tiles)
+    if (layout_style or encoder.default_layout) == "hf":
+        return reference.encode_anyres(processed.tiles, layout.grid, layout.image_size)
+    per_tile = reference.encode_tiles(processed.tiles).reshape(layout.n_tiles, -1, reference.n_embd)
+    return np.concatenate([*per_tile[1:], per_tile[0]])
 
 
 @dataclass
@@ -81,7 +95,8 @@ def generation_parity(reference: LlavaReference, session: Session, prompt: str, 
     if result.n_reused:
         raise ValueError("generation parity needs a session whose KV cache does not already hold the prompt")
     ours = session.prompt_logits
-    rows = reference.encode_tiles(tiles_of(images, session.encoder)) if images else None
+    rows = np.concatenate([reference_rows(reference, session.encoder, img, session.max_tiles, session.image_layout)
+                           for img in images]) if images else None
     ref_logits = reference.logits(result.prompt_tokens, rows)
     ref_tokens, margins = reference.greedy(result.prompt_tokens, rows, n_steps)
     return GenerationParity(

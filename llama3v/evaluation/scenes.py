@@ -23,8 +23,9 @@ def scene(seed: int, width: int = 320, height: int = 240) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(3, 7))):
         color = _COLORS[int(rng.integers(len(_COLORS)))]
-        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
-        x1, y1 = x0 + int(rng.integers(width // 10, width // 3)), y0 + int(rng.integers(height // 10, height // 3))
+        x0, y0 = int(rng.integers(0, width * 3 // 4 + 1)), int(rng.integers(0, height * 3 // 4 + 1))
+        x1 = x0 + int(rng.integers(width // 10, width // 3 + 1))
+        y1 = y0 + int(rng.integers(height // 10, height // 3 + 1))
         kind = int(rng.integers(3))
         if kind == 0:
             draw.rectangle((x0, y0, x1, y1), fill=color)

@@ -52,6 +52,7 @@ class TinySpec:
     tied: bool = False
     vocab: str = "tiny"  # tiny | llama3
     preprocess_pad: bool = False
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT: (height, width) grids
     seed: int = 0
     weight_scale: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -113,20 +114,23 @@ def build_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
     w["text.norm.weight"] = vec(h, 1.0)
     if not spec.tied:
         w["lm_head.weight"] = lin(n_vocab, h, 4.0)
+    if spec.grid_pinpoints:
+        w["image_newline"] = vec(h, spread=1.0)
     return w
 
 
 # canonical prefix -> checkpoint prefix, per layout
 _PREFIXES = {
     "hf-4.45": {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.",
-                "text.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+                "text.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+                "image_newline": "image_newline"},
     "hf-4.52": {"vision.": "model.vision_tower.vision_model.", "projector.": "model.multi_modal_projector.",
-                "text.": "model.language_model.", "lm_head.": "lm_head."},
+                "text.": "model.language_model.", "lm_head.": "lm_head.", "image_newline": "model.image_newline"},
     "hf-5": {"vision.": "vision_tower.", "projector.": "multi_modal_projector.",
-             "text.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+             "text.": "language_model.model.", "lm_head.": "language_model.lm_head.", "image_newline": "image_newline"},
     "original": {"vision.": "model.vision_tower.vision_tower.vision_model.",
                  "projector.linear_1.": "model.mm_projector.0.", "projector.linear_2.": "model.mm_projector.2.",
-                 "text.": "model.", "lm_head.": "lm_head."},
+                 "text.": "model.", "lm_head.": "lm_head.", "image_newline": "model.image_newline"},
 }
 
 
@@ -165,18 +169,25 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
     _write_weights(out, main, dtype, shards, fmt)
     tok.write(out, {IMAGE_TOKEN: image_token_index})
     preprocessor = _preprocessor_config(spec)
+    pinpoints = [list(p) for p in spec.grid_pinpoints or ()]
+    if pinpoints:
+        preprocessor.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=pinpoints,
+                            do_pad=True)
 
     vision_cfg = _vision_config(spec)
     text_cfg = _text_config(spec, n_vocab, rope_parameters=layout == "hf-5")
     if hf:
         config = {
-            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "architectures": ["LlavaNextForConditionalGeneration" if pinpoints else "LlavaForConditionalGeneration"],
+            "model_type": "llava_next" if pinpoints else "llava",
             "vision_config": vision_cfg, "text_config": text_cfg, "image_token_index": image_token_index,
             "projector_hidden_act": "gelu", "vision_feature_layer": spec.feature_layer,
             "vision_feature_select_strategy": "default" if spec.vision == "clip" else "full",
             "image_seq_length": (spec.image_size // spec.patch_size) ** 2,
             "tie_word_embeddings": spec.tied, "multimodal_projector_bias": True,
         }
+        if pinpoints:
+            config["image_grid_pinpoints"] = pinpoints
         _write_json(out / "preprocessor_config.json", preprocessor)
     else:
         config = {
@@ -185,6 +196,9 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
             "mm_projector_type": spec.projector, "mm_vision_select_layer": spec.feature_layer,
             "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad" if spec.preprocess_pad else "square",
         }
+        if pinpoints:
+            config.update(image_aspect_ratio="anyres", image_grid_pinpoints=pinpoints,
+                          mm_patch_merge_type="spatial_unpad")
         tower_dir = out / TOWER_DIR
         tower_dir.mkdir(exist_ok=True)
         _write_json(tower_dir / "config.json", vision_cfg)

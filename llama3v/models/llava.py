@@ -36,11 +36,13 @@ def _load(module: nn.Module, ckpt: LlavaCheckpoint, canonical: Callable[[str], s
 class LlavaReference:
     """Float32 PyTorch reference for a LLaVA checkpoint: tile embeddings, prompt logits, greedy decoding."""
 
-    def __init__(self, config: LlavaConfig, vision: VisionTower, projector: Projector, llm: Llama) -> None:
+    def __init__(self, config: LlavaConfig, vision: VisionTower, projector: Projector, llm: Llama,
+                 image_newline: torch.Tensor | None = None) -> None:
         self.config = config
         self.vision = vision.eval()
         self.projector = projector.eval()
         self.llm = llm.eval()
+        self.image_newline = image_newline
 
     @classmethod
     def from_checkpoint(cls, src: str | Path | LlavaCheckpoint) -> LlavaReference:
@@ -58,7 +60,8 @@ class LlavaReference:
         _load(vision, ckpt, lambda n: "vision." + n)
         _load(projector, ckpt, lambda n: "projector." + n)
         _load(llm, ckpt, lambda n: n if n.startswith("lm_head.") else "text." + n)
-        return cls(cfg, vision, projector, llm)
+        newline = torch.tensor(ckpt.get("image_newline")) if "image_newline" in ckpt else None
+        return cls(cfg, vision, projector, llm, newline)
 
     @property
     def n_embd(self) -> int:
@@ -77,6 +80,26 @@ class LlavaReference:
         std = torch.tensor(self.config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         feats = self.projector(self.vision((x / 255.0 - mean) / std))
         return feats.reshape(-1, self.n_embd).numpy()
+
+    @torch.no_grad()
+    def encode_anyres(self, tiles: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+        """LLaVA-NeXT's image rows from the base view (tiles[0]) and a rows x cols grid of tiles, as HF packs
+        them: base rows, then the grid's feature map unpadded to the image's (width, height) with the newline
+        vector after each row."""
+        if self.image_newline is None:
+            raise ValueError("this checkpoint has no image_newline: it is not a LLaVA-NeXT model")
+        feats = torch.from_numpy(self.encode_tiles(tiles)).view(len(tiles), -1, self.n_embd)
+        base, rest = feats[0], feats[1:]
+        if grid == (0, 0):
+            return torch.cat([base, self.image_newline[None]]).numpy()
+        rows, cols = grid
+        g = self.config.vision.grid
+        # [tiles, g*g, D] -> channels-first feature map [D, rows*g, cols*g]
+        fmap = rest.view(rows, cols, g, g, -1).permute(4, 0, 2, 1, 3).reshape(-1, rows * g, cols * g)
+        fmap = _unpad(fmap, image_size)
+        newline = self.image_newline[:, None, None].expand(-1, fmap.shape[1], 1)
+        fmap = torch.cat([fmap, newline], dim=2)
+        return torch.cat([base, fmap.flatten(1, 2).T]).numpy()
 
     def _inputs_embeds(self, prompt: Sequence[int | None], media_rows: np.ndarray | None) -> torch.Tensor:
         """[T, n_embd]: token embeddings, with each None taking the next media row in order."""
@@ -117,3 +140,16 @@ class LlavaReference:
             margins.append(float(top.values[0] - top.values[1]))
             x = torch.cat([x, self.llm.embed(torch.tensor([token]))])
         return tokens, margins
+
+
+def _unpad(fmap: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Crop the padding LLaVA-NeXT's preprocessing added around the image from a [D, H, W] feature map."""
+    width, height = image_size
+    cur_h, cur_w = fmap.shape[1:]
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        pad = (cur_h - new_h) // 2
+        return fmap[:, pad:cur_h - pad, :]
+    new_w = int(round(width * (cur_h / height), 7))
+    pad = (cur_w - new_w) // 2
+    return fmap[:, :, pad:cur_w - pad]

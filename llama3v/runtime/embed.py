@@ -13,17 +13,18 @@ from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import EncodeCache, Part, Rows, image_parts
 
 
-def media_parts(encoder: VisionEncoder, media: list[tuple[str, object]], cache: EncodeCache) -> list[list[Part]]:
+def media_parts(encoder: VisionEncoder, media: list[tuple[str, object]], cache: EncodeCache,
+                max_tiles: int | None = None, image_layout: str | None = None) -> list[list[Part]]:
     """Expand each (kind, source) into its prompt parts."""
     out = []
     for i, (kind, source) in enumerate(media):
         if kind != "image":
             raise Llama3vError(f"{kind} input is not supported yet")
-        out.append(image_parts(source, i, encoder, cache))
+        out.append(image_parts(source, i, encoder, cache, max_tiles, image_layout))
     return out
 
 
-def layout(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
+def stack_parts(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
     """Stack all rows in prompt order and describe each block of rows and each text in between."""
     blocks, entries, first = [], [], 0
     for item in parts:
@@ -39,7 +40,8 @@ def layout(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
     return (np.concatenate(blocks) if blocks else np.zeros((0, width), np.float32)), entries
 
 
-def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, n_threads: int | None = None) -> None:
+def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, n_threads: int | None = None,
+                   max_tiles: int | None = None, image_layout: str | None = None) -> None:
     """Encode `media` and write OUTPUT (.npy, float32 [n_rows, n_embd]) and OUTPUT.json atomically."""
     if not media:
         raise Llama3vError("give at least one --image or --video")
@@ -48,7 +50,7 @@ def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, 
         raise Llama3vError(f"{output}: the output must be a .npy file")
     encoder = VisionEncoder(mmproj, n_threads=n_threads)
     try:
-        rows, entries = layout(media_parts(encoder, media, EncodeCache()))
+        rows, entries = stack_parts(media_parts(encoder, media, EncodeCache(), max_tiles, image_layout))
     finally:
         encoder.close()
     doc = {"n_rows": int(rows.shape[0]), "n_embd": int(rows.shape[1]), "parts": entries,

@@ -9,6 +9,7 @@ import numpy as np
 
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
+from llama3v.gguf_header import read_tensor
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import check_mmproj, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
@@ -29,12 +30,18 @@ class VisionEncoder:
         check_engine: bool = True,
     ):
         self.path = Path(mmproj_path)
-        info = read_gguf(self.path)
+        info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
         self.n_embd = check_mmproj(info)
         size = int(info.get(S.IMAGE_SIZE))
-        self.tokens_per_tile = (size // int(info.get(S.PATCH_SIZE))) ** 2
+        self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
+        self.tokens_per_tile = self.grid ** 2
+        flat = info.get(S.GRID_PINPOINTS) or []
+        pinpoints = tuple((flat[i + 1], flat[i]) for i in range(0, len(flat) - 1, 2))  # stored (width, height)
         self.spec = ImageSpec(size=size, mode=str(info.get(S.PREPROCESS_MODE, "resize")),
-                              mean=tuple(info.get(S.IMAGE_MEAN)))
+                              mean=tuple(info.get(S.IMAGE_MEAN)), grid_pinpoints=pinpoints)
+        self.newline = read_tensor(info, S.IMAGE_NEWLINE) if S.IMAGE_NEWLINE in info.tensors else None
+        # HF-faithful arrangement where the checkpoint had LLaVA-NeXT's newline vector, else libmtmd's.
+        self.default_layout = "hf" if self.newline is not None else "llama.cpp"
         if S.CLASS_EMBD in info.tensors and check_engine:
             from llama3v.runtime.selfcheck import require_fixed_engine
 

@@ -1,15 +1,21 @@
-"""Turn an image into the RGB tile(s) the vision tower sees, exactly as Hugging Face prepares them.
+"""Turn an image into the RGB tiles the vision tower sees, exactly as Hugging Face prepares them.
 
 Tiles are handed to libmtmd at exactly the tower's input size, so libmtmd's own resize and grey
-padding (which differ from HF's) never run. Modes (docs/formats.md):
+padding (which differ from HF's) never run. One tile per image (docs/formats.md):
   resize  CLIP: shortest edge to the tower size (bicubic), then centre crop
   squash  SigLIP: resize both edges to the tower size (bicubic)
   pad     LLaVA-1.5: pad to a square with the mean colour, then as `resize`
+High resolution (docs/high-resolution.md):
+  anyres  LLaVA-NeXT: a base view squashed to the tower size, plus the image resized into the best
+          grid of the checkpoint's pinpoints, padded with black and cut into tiles
+  slices  single-resolution models: a global view in the model's own mode, plus up to max_tiles
+          tower-size slices on the grid closest to the image's aspect ratio
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +33,115 @@ ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How a model wants its images: tower input size, preprocessing mode, mean colour for padding."""
+    """How a model wants its images: tower size, single-tile mode, padding colour, high-resolution options."""
 
     size: int
     mode: str = "resize"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_pixels: int = MAX_PIXELS
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) pairs; non-empty: anyres
+    max_tiles: int | None = None  # anyres: the largest grid allowed; otherwise >= 2 turns slices on
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise Llama3vError(f"unknown preprocessing mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise Llama3vError(f"--max-tiles must be at least 1, got {self.max_tiles}")
+        for h, w in self.grid_pinpoints:
+            if h <= 0 or w <= 0 or h % self.size or w % self.size:
+                raise Llama3vError(f"grid pinpoint {h}x{w} is not a multiple of the tower size {self.size}")
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How one image became tiles: `kind` single/anyres/slices; in the last two tiles[0] is the base view."""
+
+    kind: str
+    grid: tuple[int, int]  # rows, columns of high-resolution tiles; (0, 0) when there are none
+    image_size: tuple[int, int]  # the image's (width, height) before tiling
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles to encode, the base view included."""
+        return 1 + self.grid[0] * self.grid[1] if self.kind != "single" else 1
+
+
+@dataclass
+class ProcessedImage:
+    """An image's tiles, uint8 [n, size, size, 3], and their layout."""
+
+    tiles: np.ndarray
+    layout: TileLayout
+
+
+def process_image(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
+    """The tiles of one image and how they are laid out (see the module docstring for the modes)."""
+    size = (image.width, image.height)
+    if spec.grid_pinpoints:
+        return _anyres(image, spec)
+    if spec.max_tiles and spec.max_tiles >= 2:
+        grid = slice_grid(size, spec.size, spec.max_tiles)
+        if grid != (0, 0):
+            rows, cols = grid
+            full = image.resize((cols * spec.size, rows * spec.size), Image.Resampling.BICUBIC)
+            tiles = [prepare_tile(image, spec), *_cut(np.asarray(full), spec.size)]
+            return ProcessedImage(np.stack(tiles), TileLayout("slices", grid, size))
+    return ProcessedImage(prepare_tile(image, spec)[None], TileLayout("single", (0, 0), size))
+
+
+def select_best_resolution(size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """LLaVA-NeXT's choice of (height, width): most effective resolution, then least waste."""
+    w, h = size
+    best, best_effective, best_waste = pinpoints[0], -1, math.inf
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        waste = pw * ph - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (ph, pw), effective, waste
+    return best
+
+
+def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
+    size = (image.width, image.height)
+    base = np.asarray(image.resize((spec.size, spec.size), Image.Resampling.BICUBIC))
+    pinpoints = tuple(p for p in spec.grid_pinpoints
+                      if spec.max_tiles is None or (p[0] // spec.size) * (p[1] // spec.size) <= spec.max_tiles)
+    if not pinpoints:  # --max-tiles below every grid: the base view alone
+        return ProcessedImage(base[None], TileLayout("anyres", (0, 0), size))
+    th, tw = select_best_resolution(size, pinpoints)
+    w, h = size
+    scale_w, scale_h = tw / w, th / h  # HF's arithmetic, in HF's order: ceil(300 * (336 / 300)) is 337
+    if scale_w < scale_h:
+        nw, nh = tw, min(math.ceil(h * scale_w), th)
+    else:
+        nw, nh = min(math.ceil(w * scale_h), tw), th
+    resized = image.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != size else image
+    canvas = np.zeros((th, tw, 3), np.uint8)  # HF pads with black
+    top, left = (th - nh) // 2, (tw - nw) // 2
+    canvas[top:top + nh, left:left + nw] = np.asarray(resized)
+    tiles = [base, *_cut(canvas, spec.size)]
+    return ProcessedImage(np.stack(tiles), TileLayout("anyres", (th // spec.size, tw // spec.size), size))
+
+
+def slice_grid(size: tuple[int, int], tile: int, max_tiles: int) -> tuple[int, int]:
+    """Rows and columns of slices for an image: about one slice per tile-size area, at most `max_tiles`,
+    on the grid whose aspect ratio is closest to the image's; (0, 0) when one tile already suffices."""
+    w, h = size
+    ideal = min(max_tiles, math.ceil(w * h / (tile * tile)))
+    if ideal < 2 and max(w, h) <= tile:
+        return (0, 0)
+    ideal = max(ideal, 2)
+    candidates = [(r, c) for n in (ideal - 1, ideal, ideal + 1) if 2 <= n <= max_tiles
+                  for r in range(1, n + 1) for c in [n // r] if r * c == n]
+    return min(candidates, key=lambda rc: (abs(math.log(w / h) - math.log(rc[1] / rc[0])), rc[0] * rc[1]))
+
+
+def _cut(canvas: np.ndarray, size: int) -> list[np.ndarray]:
+    """Row-major size x size tiles of an array whose sides are multiples of size."""
+    rows, cols = canvas.shape[0] // size, canvas.shape[1] // size
+    return [np.ascontiguousarray(canvas[r * size:(r + 1) * size, c * size:(c + 1) * size])
+            for r in range(rows) for c in range(cols)]
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:

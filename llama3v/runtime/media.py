@@ -11,12 +11,13 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile
+from llama3v.runtime.image_processing import ImageInput, load_image, process_image
+from llama3v.runtime.layout import arrange_anyres, n_rows, slice_separators
 
 
 class EncodeCache:
@@ -53,26 +54,59 @@ class Rows:
     n: int
     meta: dict
     compute: Callable[[], np.ndarray] = field(repr=False)
-    encode_ms: float = 0.0
 
     def data(self) -> np.ndarray:
         """The rows [n, n_embd], computed on first use."""
         if not hasattr(self, "_data"):
-            t0 = time.perf_counter()
             self._data = self.compute()
-            self.encode_ms = (time.perf_counter() - t0) * 1e3
         return self._data
 
 
 Part = str | Rows
 
 
-def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: EncodeCache) -> list[Part]:
-    """The prompt parts of one image: its tile's embedding rows."""
-    tile = prepare_tile(load_image(source, encoder.spec.max_pixels), encoder.spec)
-    key = _key(encoder, tile)
-    meta = {"media": index, "kind": "image", "tile": 0}
-    return [Rows(key, encoder.tokens_per_tile, meta, lambda: cache.get(key, lambda: encoder.encode(tile)))]
+def describe(parts: list[Part]) -> dict:
+    """A media item's summary for results and --json: kind, layout, tiles, rows, encode times (ms)."""
+    blocks = [p for p in parts if isinstance(p, Rows)]
+    meta = blocks[0].meta
+    info = {k: v for k, v in meta.items() if k not in ("tile", "frame", "timestamp", "style")}
+    info["rows"] = sum(b.n for b in blocks)
+    info["encode_ms"] = sum(meta.get("tile_encode_ms", []))
+    return info
+
+
+def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: EncodeCache,
+                max_tiles: int | None = None, layout_style: str | None = None) -> list[Part]:
+    """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/layout.py)."""
+    spec = replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
+    processed = process_image(load_image(source, spec.max_pixels), spec)
+    layout, g = processed.layout, encoder.grid
+    keys = [_key(encoder, tile) for tile in processed.tiles]
+    tile_ms = [0.0] * len(keys)  # encode time per tile; stays 0 for tiles found in the cache
+    meta = {"media": index, "kind": "image", "layout": layout.kind, "grid": list(layout.grid),
+            "n_tiles": len(keys), "tile_encode_ms": tile_ms}
+
+    def tile_rows(i: int) -> np.ndarray:
+        def encode() -> np.ndarray:
+            t0 = time.perf_counter()
+            rows = encoder.encode(processed.tiles[i])
+            tile_ms[i] = (time.perf_counter() - t0) * 1e3
+            return rows
+        return cache.get(keys[i], encode)
+
+    if layout.kind == "anyres":
+        style = layout_style or encoder.default_layout
+        key = hashlib.sha256(("".join(keys) + style).encode()).hexdigest()[:32]
+        return [Rows(key, n_rows(layout, g, style), {**meta, "tile": None, "style": style},
+                     lambda: arrange_anyres([tile_rows(i) for i in range(len(keys))], layout, g, style,
+                                            encoder.newline))]
+    parts: list[Part] = []
+    separators = slice_separators(layout) if layout.kind == "slices" else [""]
+    for i, sep in enumerate(separators):
+        parts.append(Rows(keys[i], g * g, {**meta, "tile": i}, lambda i=i: tile_rows(i)))
+        if sep:
+            parts.append(sep)
+    return parts
 
 
 def _key(encoder: VisionEncoder, tile: np.ndarray) -> str:

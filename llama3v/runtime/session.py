@@ -21,7 +21,7 @@ from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf
-from llama3v.runtime.media import EncodeCache, Part, Rows, image_parts
+from llama3v.runtime.media import EncodeCache, Part, Rows, describe, image_parts
 from llama3v.runtime.prompt import Message, message_from_openai, render
 
 
@@ -100,6 +100,8 @@ class Session:
         kv_type: str = "f16",
         flash_attn: bool | None = None,
         encode_cache_bytes: int = 256 << 20,
+        max_tiles: int | None = None,
+        image_layout: str | None = None,
     ):
         model_info = read_gguf(model_path)
         if mmproj_path is not None:
@@ -112,6 +114,9 @@ class Session:
             self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads,
                                          use_gpu=n_gpu_layers != 0, flash_attn=flash_attn)
         self.cache = EncodeCache(encode_cache_bytes)
+        # High-resolution images (docs/high-resolution.md); both may be changed between calls.
+        self.max_tiles = max_tiles
+        self.image_layout = image_layout
         self.template = self.model.chat_template or LLAMA3_TEMPLATE
         self._held: list = []  # identities of the positions in the KV cache, in order
 
@@ -161,18 +166,18 @@ class Session:
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
         if n >= self.ctx.n_ctx:
-            raise Llama3vError(
-                f"the prompt needs {n} positions ({n_media} for media) but the context holds {self.ctx.n_ctx}: "
-                "raise --n-ctx or give fewer or smaller media")
-        info = [{"media": i, "kind": kind, "rows": sum(p.n for p in parts if isinstance(p, Rows))}
-                for i, ((kind, _), parts) in enumerate(zip(media, expanded, strict=True))]
-        return prompt, info
+            tiled = any(len([p for p in parts if isinstance(p, Rows)]) > 1 or
+                        isinstance(parts[0], Rows) and parts[0].meta.get("n_tiles", 1) > 1 for parts in expanded)
+            knobs = "raise --n-ctx" + (", lower --max-tiles" if tiled else "") + " or give fewer or smaller media"
+            raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
+                               f"{self.ctx.n_ctx}: {knobs}")
+        return prompt, [describe(parts) for parts in expanded]
 
     def _media_parts(self, kind: str, source: object, index: int) -> list[Part]:
         if self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
         if kind == "image":
-            return image_parts(source, index, self.encoder, self.cache)
+            return image_parts(source, index, self.encoder, self.cache, self.max_tiles, self.image_layout)
         raise Llama3vError(f"{kind} input is not supported yet")
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
@@ -224,8 +229,7 @@ class Session:
             timings = {"encode_ms": (t1 - t0) * 1e3, "prompt_ms": (t2 - t1) * 1e3, "decode_ms": decode_s * 1e3,
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
             for info in media_info:
-                info["encode_ms"] = sum(r.encode_ms for r in prompt.runs
-                                        if isinstance(r, Rows) and r.meta["media"] == info["media"])
+                info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
