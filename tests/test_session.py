@@ -160,3 +160,15 @@ def test_generation_stops_at_the_context_end(tiny, picture):
         result = s.generate("Hi <image>", images=[picture], temperature=0, max_tokens=500).wait()
     assert result.finish_reason == "length"
     assert result.n_prompt_tokens + len(result.tokens) == 256, "generation fills the context, no further"
+
+
+def test_score_teacher_forces_a_continuation(built, picture):
+    with _session(built) as s:
+        result = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=6).wait()
+        s.reset()
+        logits = s.score("Describe <image>.", result.tokens, images=[picture])
+        forced = s.score("Describe <image>.", [5, 6, 7], images=[picture])
+    assert logits.shape == (7, s.model.n_vocab)
+    assert logits.argmax(axis=1)[:6].tolist() == result.tokens, "greedy tokens are each row's top-1"
+    np.testing.assert_allclose(forced[0], logits[0], atol=1e-4), "the prompt's last position is the same"
+    assert forced[1:].argmax(axis=1).tolist() != logits[1:4].argmax(axis=1).tolist()

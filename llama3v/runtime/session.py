@@ -183,21 +183,9 @@ class Session:
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
                 stop: list[str], all_logits: bool) -> Iterator[str]:
         try:
-            ids = prompt.identities()
-            # Keep what the KV cache already holds, but decode at least the last position for its logits.
-            keep = min(_common_prefix(self._held, ids), len(ids) - 1)
             encodes_before = self.encoder.n_encodes if self.encoder else 0
             t0 = time.perf_counter()
-            todo = self._runs_after(prompt, keep)
-            for run, _ in todo:
-                if isinstance(run, Rows):
-                    run.data()
-            t1 = time.perf_counter()
-            self._held = []
-            self.ctx.truncate(keep)
-            outputs = [self._decode_run(run, skip, all_logits) for run, skip in todo]
-            self.prompt_logits = np.concatenate(outputs) if all_logits else None
-            self._held = list(ids)
+            keep, t1, _ = self._load(prompt, all_logits)
             t2 = time.perf_counter()
 
             tokens: list[int] = []
@@ -235,6 +223,45 @@ class Session:
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()
+
+    def _load(self, prompt: _Prompt, all_logits: bool) -> tuple[int, float, np.ndarray]:
+        """Encode what the prompt needs and decode it past the reusable KV prefix.
+
+        Returns the reused length, the time encoding ended and the last position's logits; sets
+        `prompt_logits` (every decoded position) with all_logits.
+        """
+        ids = prompt.identities()
+        # Keep what the KV cache already holds, but decode at least the last position for its logits.
+        keep = min(_common_prefix(self._held, ids), len(ids) - 1)
+        todo = self._runs_after(prompt, keep)
+        for run, _ in todo:
+            if isinstance(run, Rows):
+                run.data()
+        encoded = time.perf_counter()
+        self._held = []
+        self.ctx.truncate(keep)
+        outputs = [self._decode_run(run, skip, all_logits) for run, skip in todo]
+        self.prompt_logits = np.concatenate(outputs) if all_logits else None
+        self._held = list(ids)
+        return keep, encoded, outputs[-1][-1] if all_logits else outputs[-1]
+
+    def score(self, prompt: str, continuation: list[int], images: list | tuple = (), videos: list | tuple = (),
+              system: str | None = None) -> np.ndarray:
+        """Logits after the prompt and after each token of `continuation`: [len(continuation) + 1, n_vocab].
+
+        Row i is the distribution that predicts continuation[i] (teacher forcing), as for KL measurements.
+        """
+        media = [("image", s) for s in images] + [("video", s) for s in videos]
+        messages = ([Message("system", system)] if system else []) + [Message("user", prompt, media)]
+        prepared, _ = self._prepare(messages)
+        if len(prepared.identities()) + len(continuation) >= self.ctx.n_ctx:
+            raise Llama3vError(f"prompt and continuation do not fit the context of {self.ctx.n_ctx}")
+        _, _, last = self._load(prepared, all_logits=False)
+        if not continuation:
+            return last[None]
+        rest = self.ctx.decode_tokens(list(continuation), all_logits=True)
+        self._held.extend(continuation)
+        return np.concatenate([last[None], rest])
 
     @staticmethod
     def _runs_after(prompt: _Prompt, keep: int) -> list[tuple[list[int] | Rows, int]]:
