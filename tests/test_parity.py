@@ -91,8 +91,8 @@ def test_random_towers_depend_on_the_image(tiny, references, picture, scenes_dir
 # margin over the measured numeric error: ggml's fp16 GELU tables put ~5e-4 relative error on the
 # image rows (NMSE ~4e-7, within the F32 bound), which reaches the logits as ~1e-2.
 E2E = {
-    "clip-gqa": (TinySpec(seed=1), "Describe the picture."),
-    "siglip": (TinySpec(vision="siglip", vision_ff=96, image_size=64, patch_size=8, feature_layer=-1, seed=1),
+    "clip-gqa": (TinySpec(seed=7), "Describe the picture."),
+    "siglip": (TinySpec(vision="siglip", vision_ff=96, image_size=64, patch_size=8, feature_layer=-1, seed=0),
                "What is in the image?"),
     "llama3-rope-long": (TinySpec(seed=4, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 64}),
                          "Describe the scene: " + "the red square, the blue circle and the green line. " * 12),
@@ -123,7 +123,7 @@ def test_greedy_generation_matches_the_reference(tiny, picture, name):
 
 def test_tied_head_prompt_predictions_match(tiny, picture):
     """A tied random head repeats its input token when generating, so only prompt positions are compared."""
-    spec = TinySpec(vision_layers=1, feature_layer=-1, tied=True, text_layers=3, text_ff=320, seed=6)
+    spec = TinySpec(vision_layers=1, feature_layer=-1, tied=True, text_layers=3, text_ff=320, seed=8)
     p = _parity(tiny, picture, spec, "What is in the image?")
     assert p.prompt_top1_agree == p.n_prompt
     assert p.prompt_margin_ratio > 2

@@ -75,7 +75,7 @@ class LlavaReference:
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (size, size, 3):
             raise ValueError(f"tiles must be uint8 [N, {size}, {size}, 3], got {tiles.dtype} {list(tiles.shape)}")
-        x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.array(tiles)).permute(0, 3, 1, 2).float()  # a writable copy
         mean = torch.tensor(self.config.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         feats = self.projector(self.vision((x / 255.0 - mean) / std))
