@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -41,6 +42,17 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all available)")
 
 
+def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
+    """--model, --mmproj and the context options shared by run, chat and serve."""
+    model, mmproj = (os.environ.get("LLAMA3V_MODEL"), os.environ.get("LLAMA3V_MMPROJ")) if env else (None, None)
+    p.add_argument("--model", type=Path, required=model is None, default=model,
+                   help="LLM GGUF" + (" (env LLAMA3V_MODEL)" if env else ""))
+    p.add_argument("--mmproj", type=Path, default=mmproj,
+                   help="mmproj GGUF, needed for media" + (" (env LLAMA3V_MMPROJ)" if env else ""))
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="llama3v", description="LLaVA-style vision-language models on llama.cpp.")
@@ -73,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="answer a prompt about images and videos",
                        description="Run one user turn: media go at the <image>/<video> markers in the prompt "
                        "(or before the text when it has none), wrapped in the model's chat template.")
-    p.add_argument("--model", type=Path, required=True, help="LLM GGUF")
-    p.add_argument("--mmproj", type=Path, help="mmproj GGUF (needed for media)")
+    _add_model(p)
     p.add_argument("-p", "--prompt", required=True, help="the user's message")
     p.add_argument("--system", help="a system message (none by default)")
     p.add_argument("-n", "--n-predict", type=int, default=256, metavar="N", help="most tokens to generate (256)")
@@ -82,10 +93,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=40, help="top-k (40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p (0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (random by default)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timings)")
     _add_media(p)
+    _add_runtime(p)
+
+    p = sub.add_parser("chat", parents=[common], help="chat in the terminal, with /image and /video",
+                       description="An interactive chat: type messages; /image PATH and /video PATH attach media "
+                       "to your next message; /reset starts over; /quit leaves. Each image is encoded once and "
+                       "follow-ups decode only their new tokens. With --verbose, a line of statistics per turn.")
+    _add_model(p)
+    p.add_argument("--system", help="a system message")
+    p.add_argument("-n", "--n-predict", type=int, default=512, metavar="N", help="most tokens per answer (512)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (0.8)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
+    _add_runtime(p)
+
+    env = os.environ.get
+    p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible HTTP API",
+                       description="Serve /v1/chat/completions (text, image_url and video_url parts; streaming), "
+                       "/v1/models and /health. Loopback only unless --host says otherwise. Requests queue for the "
+                       "single model; a full queue answers 503. Options also come from LLAMA3V_* variables.")
+    _add_model(p, env=True)
+    p.add_argument("--host", default=env("LLAMA3V_HOST", "127.0.0.1"), help="bind address (127.0.0.1; LLAMA3V_HOST)")
+    p.add_argument("--port", type=int, default=int(env("LLAMA3V_PORT", "8080")), help="port (8080; LLAMA3V_PORT)")
+    p.add_argument("--api-key", default=env("LLAMA3V_API_KEY"), help="require 'Authorization: Bearer KEY' "
+                   "(LLAMA3V_API_KEY)")
+    p.add_argument("--model-name", default=env("LLAMA3V_MODEL_NAME"), help="the id /v1/models reports "
+                   "(default: the model file's name)")
+    p.add_argument("--allowed-root", type=Path, action="append", default=[Path(r) for r in
+                   env("LLAMA3V_ALLOWED_ROOTS", "").split(os.pathsep) if r],
+                   help="a directory whose files requests may name as media (repeatable; LLAMA3V_ALLOWED_ROOTS)")
+    p.add_argument("--allow-remote", action="store_true", default=env("LLAMA3V_ALLOW_REMOTE") == "1",
+                   help="let requests name http(s) media URLs for the server to fetch (off)")
+    p.add_argument("--max-body-mb", type=int, default=int(env("LLAMA3V_MAX_BODY_MB", "64")),
+                   help="largest request body in MiB (64)")
+    p.add_argument("--max-queue", type=int, default=int(env("LLAMA3V_MAX_QUEUE", "16")),
+                   help="requests that may wait for the model before 503 (16)")
+    p.add_argument("--timeout", type=float, default=float(env("LLAMA3V_TIMEOUT", "600")),
+                   help="seconds a request may take, queueing included (600)")
+    p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)
 
     p = sub.add_parser("demo", parents=[common], help="build a small random model and run it end to end",
@@ -172,6 +219,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from llama3v.runtime.repl import run_repl
+    from llama3v.runtime.session import Session
+
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                 max_tiles=args.max_tiles) as session:
+        return run_repl(session, verbose=args.verbose, system=args.system, max_tokens=args.n_predict,
+                        temperature=args.temp, seed=args.seed)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llama3v.runtime.openai_api import MediaPolicy
+    from llama3v.runtime.server import ServerConfig, serve
+    from llama3v.runtime.session import Session
+
+    config = ServerConfig(
+        model_name=args.model_name or args.model.stem, api_key=args.api_key,
+        media=MediaPolicy(roots=tuple(args.allowed_root), allow_remote=args.allow_remote,
+                          max_bytes=args.max_body_mb << 20),
+        max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout)
+    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                 max_tiles=args.max_tiles) as session:
+        serve(session, config, args.host, args.port, "debug" if args.verbose else "warning" if args.quiet else "info")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from llama3v.evaluation.demo import run_demo
 
@@ -183,7 +260,7 @@ def _check_media_options(args: argparse.Namespace) -> None:
         raise Llama3vError("video input is not available yet in this version")
 
 
-_COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "demo": _demo}
+_COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,17 +18,22 @@ _FLASH_ATTN = {None: -1, False: 0, True: 1}
 class TextModel:
     """A llama-architecture GGUF loaded in libllama, with its vocabulary."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, info: GGUFInfo | None = None):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, info: GGUFInfo | None = None,
+                 borrow: object = None):
         self.path = Path(path)
         self.info = info or read_gguf(self.path)
         self.n_embd = check_llm(self.info)
         self._llama, _ = engine.libs()
-        params = self._llama.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        engine.take_log()
-        self.ptr = self._llama.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self.ptr:
-            raise engine.failure(f"{self.path}: llama.cpp could not load this model")
+        self._owned = borrow is None  # a borrowed llama_model (llama_cpp.Llama's) is freed by its owner
+        if borrow is not None:
+            self.ptr = borrow
+        else:
+            params = self._llama.llama_model_default_params()
+            params.n_gpu_layers = n_gpu_layers
+            engine.take_log()
+            self.ptr = self._llama.llama_model_load_from_file(str(self.path).encode(), params)
+            if not self.ptr:
+                raise engine.failure(f"{self.path}: llama.cpp could not load this model")
         self.vocab = self._llama.llama_model_get_vocab(self.ptr)
         self.n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = self._llama.llama_model_n_ctx_train(self.ptr)
@@ -72,9 +77,10 @@ class TextModel:
         return raw.decode("utf-8") if raw else None
 
     def close(self) -> None:
-        """Free the model."""
+        """Free the model (unless borrowed)."""
         if getattr(self, "ptr", None):
-            self._llama.llama_model_free(self.ptr)
+            if self._owned:
+                self._llama.llama_model_free(self.ptr)
             self.ptr = None
 
     def __del__(self) -> None:
@@ -85,21 +91,25 @@ class Context:
     """A libllama context for sequence 0: decodes tokens and embedding rows at the next positions."""
 
     def __init__(self, model: TextModel, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
-                 kv_type: str = "f16", flash_attn: bool | None = None):
+                 kv_type: str = "f16", flash_attn: bool | None = None, borrow: object = None):
         self.model = model
         llama = self._llama = model._llama
-        params = llama.llama_context_default_params()
-        threads = n_threads or engine.default_threads()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = n_batch
-        params.n_threads = params.n_threads_batch = threads
-        params.type_k = params.type_v = _KV_TYPES[kv_type]
-        params.flash_attn_type = _FLASH_ATTN[flash_attn]
-        params.no_perf = True
-        engine.take_log()
-        self.ptr = llama.llama_init_from_model(model.ptr, params)
-        if not self.ptr:
-            raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
+        self._owned = borrow is None
+        if borrow is not None:
+            self.ptr = borrow
+        else:
+            params = llama.llama_context_default_params()
+            threads = n_threads or engine.default_threads()
+            params.n_ctx = n_ctx
+            params.n_batch = params.n_ubatch = n_batch
+            params.n_threads = params.n_threads_batch = threads
+            params.type_k = params.type_v = _KV_TYPES[kv_type]
+            params.flash_attn_type = _FLASH_ATTN[flash_attn]
+            params.no_perf = True
+            engine.take_log()
+            self.ptr = llama.llama_init_from_model(model.ptr, params)
+            if not self.ptr:
+                raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_ctx = llama.llama_n_ctx(self.ptr)
         self.n_batch = n_batch
         self.n_past = 0
@@ -162,11 +172,12 @@ class Context:
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     def close(self) -> None:
-        """Free the context and its batches."""
+        """Free the batches and the context (unless borrowed)."""
         if getattr(self, "ptr", None):
             self._llama.llama_batch_free(self._tok)
             self._llama.llama_batch_free(self._emb)
-            self._llama.llama_free(self.ptr)
+            if self._owned:
+                self._llama.llama_free(self.ptr)
             self.ptr = None
 
     def __del__(self) -> None:
@@ -174,12 +185,20 @@ class Context:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: greedy at temperature 0, else top-k, top-p, temperature, seeded draw."""
+    """llama.cpp's sampler chain: logit bias, then greedy at temperature 0, else top-k, top-p, temperature and
+    a seeded draw."""
 
     def __init__(self, model: TextModel, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-                 seed: int | None = None):
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None):
         llama = self._llama = model._llama
         self.ptr = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if logit_bias:
+            if any(not 0 <= t < model.n_vocab for t in logit_bias):
+                raise Llama3vError(f"logit_bias names a token outside the vocabulary of {model.n_vocab}")
+            biases = (llama.llama_logit_bias * len(logit_bias))(
+                *(llama.llama_logit_bias(token=t, bias=b) for t, b in logit_bias.items()))
+            llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_logit_bias(
+                model.n_vocab, len(logit_bias), biases))
         if temperature <= 0:
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_greedy())
             return

@@ -61,7 +61,7 @@ def message_from_openai(msg: dict) -> Message:
         if kind == "text":
             text += part.get("text", "")
         elif kind in MARKERS:
-            text += MARKERS[kind]
+            text += MARKERS[kind] + "\n"  # as media without markers get: `run --image X -p T` is "<image>\nT"
             media.append((kind, part.get(kind)))
         else:
             raise Llama3vError(f"unsupported message part type {kind!r}")

@@ -68,6 +68,10 @@ class Generation:
             pass
         return self.result
 
+    def close(self) -> None:
+        """Stop generating now (`result` stays None); the session keeps what was decoded so far."""
+        self._pieces.close()
+
 
 @dataclass
 class _Prompt:
@@ -109,10 +113,29 @@ class Session:
         self.model = TextModel(model_path, n_gpu_layers=n_gpu_layers, info=model_info)
         self.ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
                            flash_attn=flash_attn)
+        self._setup(mmproj_path, n_threads, n_gpu_layers != 0, flash_attn, encode_cache_bytes, max_tiles, image_layout)
+
+    @classmethod
+    def from_llama(cls, llama: object, mmproj_path: str | Path | None = None, n_threads: int | None = None,
+                   use_gpu: bool = True, flash_attn: bool | None = None, encode_cache_bytes: int = 256 << 20,
+                   max_tiles: int | None = None, image_layout: str | None = None) -> Session:
+        """A session over a `llama_cpp.Llama`'s own model and context, without loading the model again."""
+        self = cls.__new__(cls)
+        model_info = read_gguf(llama.model_path)
+        if mmproj_path is not None:
+            check_pair(model_info, read_gguf(mmproj_path))
+        self.model = TextModel(llama.model_path, info=model_info, borrow=llama._model.model)
+        self.ctx = Context(self.model, n_batch=llama.n_batch, borrow=llama._ctx.ctx)
+        self._setup(mmproj_path, n_threads or llama.n_threads, use_gpu, flash_attn, encode_cache_bytes, max_tiles,
+                    image_layout)
+        return self
+
+    def _setup(self, mmproj_path: str | Path | None, n_threads: int | None, use_gpu: bool, flash_attn: bool | None,
+               encode_cache_bytes: int, max_tiles: int | None, image_layout: str | None) -> None:
         self.encoder = None
         if mmproj_path is not None:
-            self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads,
-                                         use_gpu=n_gpu_layers != 0, flash_attn=flash_attn)
+            self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads, use_gpu=use_gpu,
+                                         flash_attn=flash_attn)
         self.cache = EncodeCache(encode_cache_bytes)
         # High-resolution images (docs/high-resolution.md); both may be changed between calls.
         self.max_tiles = max_tiles
@@ -137,15 +160,16 @@ class Session:
         """Continue a conversation given as OpenAI-style messages (text, image and video parts).
 
         Sampling: max_tokens=256, temperature=0.8 (0: greedy), top_k=40, top_p=0.95, seed=None,
-        stop=None (strings that end the answer), all_logits=False (keep prompt logits, for tests).
+        stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
+        all_logits=False (keep prompt logits, for tests).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
     def _run(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
-             all_logits: bool = False) -> Generation:
+             logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
         prompt, media_info = self._prepare(messages)
-        sampler = Sampler(self.model, temperature, top_k, top_p, seed)
+        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
                                                    all_logits))
 

@@ -1,0 +1,78 @@
+"""A chat handler for llama-cpp-python: existing `Llama(..., chat_handler=...)` code gets llama3v's image
+preprocessing, tiling, video and caches by changing one line.
+
+    from llama_cpp import Llama
+    from llama3v.runtime.chat_handler import Llama3vChatHandler
+    llm = Llama(model_path="model.gguf", n_ctx=4096, chat_handler=Llama3vChatHandler("mmproj.gguf"))
+    llm.create_chat_completion(messages=[...image_url / video_url parts...])
+
+The handler runs on the Llama's own model and context (nothing is loaded twice) and, unlike
+llama-cpp-python's handlers, keeps the KV cache between calls: a follow-up only decodes its new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from llama3v.runtime import openai_api as oa
+from llama3v.runtime.session import Session
+
+
+class Llama3vChatHandler:
+    """llama-cpp-python chat handler backed by a llama3v Session."""
+
+    def __init__(self, mmproj_path: str | Path | None = None, max_tiles: int | None = None,
+                 image_layout: str | None = None, media: oa.MediaPolicy | None = None):
+        self.mmproj_path = mmproj_path
+        self.max_tiles, self.image_layout = max_tiles, image_layout
+        # A library caller's own files are theirs to read; remote URLs stay opt-in.
+        self.media = media or oa.MediaPolicy(any_path=True)
+        self._session: Session | None = None
+        self._llama = None
+
+    def session(self, llama: object) -> Session:
+        """The session over `llama` (made on first use)."""
+        if self._session is None or self._llama is not llama:
+            self._session = Session.from_llama(llama, self.mmproj_path, max_tiles=self.max_tiles,
+                                               image_layout=self.image_layout)
+            self._llama = llama
+        return self._session
+
+    def __call__(self, *, llama: object, messages: list[dict], temperature: float = 0.2, top_p: float = 0.95,
+                 top_k: int = 40, stream: bool = False, stop: str | list[str] | None = None, seed: int | None = None,
+                 max_tokens: int | None = None, model: str | None = None, **_ignored: object) -> dict | Iterator[dict]:
+        """Answer `messages` the way llama-cpp-python's own handlers do (a completion dict or chunks)."""
+        temp_files: list[Path] = []
+        try:
+            converted = oa.session_messages(messages, self.media, temp_files)
+            stops = [stop] if isinstance(stop, str) else list(stop or [])
+            gen = self.session(llama).chat(converted, max_tokens=max_tokens or 256, temperature=temperature,
+                                           top_p=top_p, top_k=top_k, seed=seed, stop=stops)
+        except BaseException:
+            _remove(temp_files)
+            raise
+        name = model or Path(getattr(llama, "model_path", "llama3v")).stem
+        request_id = oa.new_id()
+        if stream:
+            return self._chunks(gen, request_id, name, temp_files)
+        try:
+            return oa.completion(gen.wait(), name, request_id)
+        finally:
+            _remove(temp_files)
+
+    @staticmethod
+    def _chunks(gen: object, request_id: str, model: str, temp_files: list[Path]) -> Iterator[dict]:
+        try:
+            yield oa.chunk(request_id, model, {"role": "assistant", "content": ""})
+            for piece in gen:
+                yield oa.chunk(request_id, model, {"content": piece})
+            yield oa.chunk(request_id, model, {}, gen.result.finish_reason)
+        finally:
+            gen.close()
+            _remove(temp_files)
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)

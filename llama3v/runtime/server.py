@@ -1,0 +1,259 @@
+"""`llama3v serve`: an OpenAI-compatible HTTP server over one session (FastAPI + uvicorn).
+
+FastAPI and uvicorn are what llama-cpp-python's own server uses: maintained, typed, with
+server-sent events through Starlette. The model serves one request at a time: requests wait in
+a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
+that disconnects stops its generation at the next token, freeing the model. Loopback by default;
+optional API key; local media only under the allowed roots; remote URLs only if enabled.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request)
+# at definition time, and they are imported inside create_app because FastAPI is optional.
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama3v.errors import Llama3vError
+from llama3v.runtime import openai_api as oa
+from llama3v.runtime.session import Session
+
+log = logging.getLogger("llama3v.server")
+
+
+@dataclass
+class ServerConfig:
+    """Limits and policy of a server (docs/serving.md lists them with their flags)."""
+
+    model_name: str = "llama3v"
+    api_key: str | None = None
+    media: oa.MediaPolicy = field(default_factory=oa.MediaPolicy)
+    max_body_bytes: int = 64 << 20
+    max_queue: int = 16
+    request_timeout_s: float = 600.0
+    default_max_tokens: int = 512
+
+
+@dataclass
+class _Job:
+    messages: list[dict]
+    options: dict
+    push: Callable[[tuple], None]  # delivers ("piece", text) / ("done", Result) / ("error", status, text)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    temp_files: list[Path] = field(default_factory=list)
+    queued: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs jobs one at a time on the session, in a thread of its own."""
+
+    def __init__(self, session: Session, config: ServerConfig):
+        self.session, self.config = session, config
+        self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
+        self.busy = False
+        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self._thread = threading.Thread(target=self._run, name="llama3v-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        """Queue a job, or raise a 503 RequestError when the queue is full."""
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            self.stats["rejected"] += 1
+            raise oa.RequestError(f"server busy: {self.config.max_queue} requests are waiting; retry later",
+                                  503) from None
+
+    def stop(self) -> None:
+        """Finish the current job and end the thread."""
+        self.jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancel.is_set():
+                self.stats["cancelled"] += 1
+                continue
+            self.busy = True
+            try:
+                self._serve(job)
+            finally:
+                self.busy = False
+                for path in job.temp_files:
+                    path.unlink(missing_ok=True)
+
+    def _serve(self, job: _Job) -> None:
+        deadline = job.queued + self.config.request_timeout_s
+        try:
+            gen = self.session.chat(job.messages, **job.options)
+            for piece in gen:
+                if job.cancel.is_set() or time.monotonic() > deadline:
+                    gen.close()
+                    timed_out = not job.cancel.is_set()
+                    self.stats["cancelled"] += 1
+                    if timed_out:
+                        job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
+                    return
+                job.push(("piece", piece))
+            self.stats["served"] += 1
+            job.push(("done", gen.result))
+        except oa.RequestError as e:
+            self.stats["failed"] += 1
+            job.push(("error", e.status, str(e)))
+        except Llama3vError as e:
+            self.stats["failed"] += 1
+            job.push(("error", 400, str(e)))
+        except Exception as e:  # a bug must not take the worker down
+            self.stats["failed"] += 1
+            log.exception("request failed")
+            job.push(("error", 500, f"internal error: {type(e).__name__}"))
+
+
+def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
+    """The FastAPI application serving `session`."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import StreamingResponse
+    except ImportError as e:
+        raise Llama3vError("the server needs FastAPI and uvicorn: pip install 'llama3v[server]'") from e
+
+    worker = Worker(session, config)
+    app = FastAPI(title="llama3v", version="1", docs_url=None, redoc_url=None)
+    app.state.worker = worker
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202 - FastAPI's signature
+        started = time.perf_counter()
+        if config.api_key and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+                return _error(401, "missing or wrong API key", "authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            return _error(413, f"request body over the {config.max_body_bytes >> 20} MiB limit")
+        response = await call_next(request)
+        log.info(json.dumps({"event": "request", "method": request.method, "path": request.url.path,
+                             "status": response.status_code, "ms": round((time.perf_counter() - started) * 1e3)}))
+        return response
+
+    @app.exception_handler(oa.RequestError)
+    async def refused(_request: Request, exc: oa.RequestError):  # noqa: ANN202
+        return _error(exc.status, str(exc))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "busy": worker.busy, "queued": worker.jobs.qsize(), **worker.stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llama3v"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
+        body = await _read_body(request, config.max_body_bytes)
+        try:
+            payload = json.loads(body)
+        except ValueError as e:
+            raise oa.RequestError(f"request body is not JSON: {e}") from e
+        if not isinstance(payload, dict):
+            raise oa.RequestError("request body must be a JSON object")
+        options = oa.sampling(payload, config.default_max_tokens)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = _Job(messages=[], options=options, push=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            job.messages = await asyncio.to_thread(oa.session_messages, payload.get("messages"), config.media,
+                                                   job.temp_files)
+        except BaseException:
+            for path in job.temp_files:
+                path.unlink(missing_ok=True)
+            raise
+        worker.submit(job)
+        request_id = oa.new_id()
+        if payload.get("stream"):
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(events, job, request_id, config.model_name, include_usage),
+                                     media_type="text/event-stream")
+        return await _collect(request, events, job, request_id, config.model_name)
+
+    return app
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error"):  # noqa: ANN202 - a JSONResponse
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlette Request
+    """The body, refused as soon as it passes `limit` bytes (chunked uploads have no Content-Length)."""
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise oa.RequestError(f"request body over the {limit >> 20} MiB limit", 413)
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
+async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str):  # noqa: ANN001, ANN202
+    """Wait for a non-streamed answer, cancelling the job if the client goes away."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return _error(499, "client disconnected")
+                continue
+            if event[0] == "done":
+                return oa.completion(event[1], model, request_id)
+            if event[0] == "error":
+                return _error(event[1], event[2])
+    finally:
+        job.cancel.set()  # no-op when finished; stops the worker if this handler is cancelled
+
+
+async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, text chunks, a final chunk, [DONE]; cancelled on disconnect."""
+    try:
+        yield _event(oa.chunk(request_id, model, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if event[0] == "piece":
+                yield _event(oa.chunk(request_id, model, {"content": event[1]}))
+            elif event[0] == "done":
+                result = event[1]
+                yield _event(oa.chunk(request_id, model, {}, result.finish_reason, result if include_usage else None))
+                break
+            else:
+                yield _event({"error": {"message": event[2], "code": event[1]}})
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel.set()  # the client went away (or we are done): stop generating
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def serve(session: Session, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise Llama3vError("the server needs FastAPI and uvicorn: pip install 'llama3v[server]'") from e
+    app = create_app(session, config)
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(message)s")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        app.state.worker.stop()
