@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the model before 503 (16)")
     p.add_argument("--timeout", type=float, default=float(env("LLAMA3V_TIMEOUT", "600")),
                    help="seconds a request may take, queueing included (600)")
+    p.add_argument("--body-timeout", type=float, default=float(env("LLAMA3V_BODY_TIMEOUT", "30")),
+                   help="seconds a client may take to send its request body (30)")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)
 
@@ -242,7 +244,8 @@ def _serve(args: argparse.Namespace) -> int:
         model_name=args.model_name or args.model.stem, api_key=args.api_key,
         media=MediaPolicy(roots=tuple(args.allowed_root), allow_remote=args.allow_remote,
                           max_bytes=args.max_body_mb << 20),
-        max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout)
+        max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout,
+        body_timeout_s=args.body_timeout)
     with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  max_tiles=args.max_tiles) as session:
         serve(session, config, args.host, args.port, "debug" if args.verbose else "warning" if args.quiet else "info")

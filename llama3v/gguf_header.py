@@ -22,6 +22,7 @@ _SCALARS = {
     V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
     V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d",
 }
+_U64 = struct.Struct("<Q")
 _SMALL_ARRAY = 64  # arrays up to this length are kept as values; longer ones (vocab) are skipped
 _MAX_DIMS = 4
 
@@ -79,15 +80,31 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", "replace")
 
-    def skip_strings(self, count: int) -> None:
-        buf, pos, end = self.buf, self.pos, len(self.buf)
-        for _ in range(count):
-            if pos + 8 > end:
-                raise Llama3vError(f"{self.path}: truncated GGUF header (string array)")
-            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+    def strings(self, count: int, keep: bool) -> list[str] | None:
+        """A string array: decoded strictly when kept, else only skipped (the vocabulary is long)."""
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), _U64.unpack_from
+        raw = [] if keep else None
+        try:
+            for _ in range(count):
+                (n,) = length(buf, pos)
+                pos += 8
+                if n > end:
+                    pos = end + 1
+                    break
+                if keep:
+                    raw.append(buf[pos:pos + n])
+                pos += n
+        except struct.error:
+            pos = end + 1
         if pos > end:
             raise Llama3vError(f"{self.path}: truncated GGUF header (string array)")
         self.pos = pos
+        if raw is None:
+            return None
+        try:
+            return [r.decode("utf-8") for r in raw]
+        except UnicodeDecodeError:
+            raise Llama3vError(f"{self.path}: a string in the header is not valid UTF-8") from None
 
 
 def read_gguf(path: str | Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
@@ -153,10 +170,7 @@ def _read_value(c: _Cursor, key: str, keep: bool) -> tuple[GGUFValueType, object
     if elem == V.ARRAY:
         raise Llama3vError(f"{c.path}: key {key!r} is a nested array")
     if elem == V.STRING:
-        if count <= _SMALL_ARRAY or keep:
-            return vtype, [c.string() for _ in range(count)]
-        c.skip_strings(count)
-        return vtype, None
+        return vtype, c.strings(count, keep or count <= _SMALL_ARRAY)
     width = struct.calcsize(_SCALARS[elem])
     if c.pos + width * count > len(c.buf):
         raise Llama3vError(f"{c.path}: truncated GGUF header (array {key!r})")

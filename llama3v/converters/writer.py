@@ -45,6 +45,7 @@ def write_gguf(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Write `tensors` and the metadata that `add_metadata` adds to `path`, atomically."""
+    _remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         writer = GGUFWriter(tmp, arch)
@@ -69,6 +70,24 @@ def write_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete temporary files a killed conversion (kill -9, power loss) left beside `path`."""
+    for old in path.parent.glob(f".{path.name}.*.partial"):
+        pid = old.name[len(path.name) + 2:-len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _verify(path: Path, tensors: list[TensorPlan]) -> None:

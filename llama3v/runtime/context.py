@@ -9,7 +9,7 @@ import numpy as np
 
 from llama3v.errors import Llama3vError
 from llama3v.runtime import engine
-from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_gguf
+from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_model
 
 _KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids for the KV cache
 _FLASH_ATTN = {None: -1, False: 0, True: 1}
@@ -21,7 +21,7 @@ class TextModel:
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, info: GGUFInfo | None = None,
                  borrow: object = None):
         self.path = Path(path)
-        self.info = info or read_gguf(self.path)
+        self.info = info or read_model(self.path)
         self.n_embd = check_llm(self.info)
         self._llama, _ = engine.libs()
         self._owned = borrow is None  # a borrowed llama_model (llama_cpp.Llama's) is freed by its owner

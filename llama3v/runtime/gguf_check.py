@@ -8,6 +8,8 @@ a Llama3vError naming the file and the problem.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gguf import GGUFValueType
 
 from llama3v import gguf_schema as S
@@ -15,7 +17,13 @@ from llama3v.errors import Llama3vError
 from llama3v.gguf_header import GGUFInfo, read_gguf
 
 V = GGUFValueType
-__all__ = ["GGUFInfo", "read_gguf", "check_llm", "check_mmproj", "check_pair"]
+VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
+__all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair"]
+
+
+def read_model(path: str | Path) -> GGUFInfo:
+    """Parse a model GGUF with its vocabulary arrays (check_llm validates them)."""
+    return read_gguf(path, arrays=VOCAB_ARRAYS)
 
 
 def check_llm(info: GGUFInfo) -> int:
@@ -29,7 +37,27 @@ def check_llm(info: GGUFInfo) -> int:
     embd = info.tensors.get(S.TOKEN_EMBD)
     if embd is None or embd.dims[0] != n_embd:
         raise info.fail(f"{S.TOKEN_EMBD} missing or not {n_embd} wide")
+    _check_vocab(info, embd.rows)
     return int(n_embd)
+
+
+def _check_vocab(info: GGUFInfo, n_rows: int) -> None:
+    """llama.cpp asserts (aborts) on a vocabulary with duplicate entries and misbehaves on others."""
+    model = info.get(S.TOKENIZER_MODEL)
+    if model != "gpt2":
+        raise info.fail(f"tokenizer {model!r} is not supported (llama3v runs Llama-3's byte-level BPE, 'gpt2')")
+    tokens, types = (info.get(k) for k in VOCAB_ARRAYS)
+    if not isinstance(tokens, list) or not tokens or info.kv.get(S.MERGES, (None,))[0] != V.ARRAY:
+        raise info.fail("the vocabulary (tokenizer.ggml.tokens / merges) is missing or not read")
+    if len(set(tokens)) != len(tokens):
+        raise info.fail("the vocabulary has duplicate tokens")
+    if len(tokens) != n_rows:
+        raise info.fail(f"the vocabulary has {len(tokens)} tokens but {S.TOKEN_EMBD} has {n_rows} rows")
+    if types is not None and (len(types) != len(tokens) or any(not 1 <= t <= 5 for t in types)):
+        raise info.fail("tokenizer.ggml.token_type does not match the vocabulary")
+    for key in (S.BOS_ID, S.EOS_ID):
+        if key in info.kv and not 0 <= info.get(key) < len(tokens):
+            raise info.fail(f"{key} is outside the vocabulary")
 
 
 def check_mmproj(info: GGUFInfo) -> int:

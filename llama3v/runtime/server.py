@@ -36,6 +36,7 @@ class ServerConfig:
     max_body_bytes: int = 64 << 20
     max_queue: int = 16
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0  # a client that trickles its body this long is dropped (slow-client attacks)
     default_max_tokens: int = 512
 
 
@@ -155,7 +156,10 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
-        body = await _read_body(request, config.max_body_bytes)
+        try:
+            body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), config.body_timeout_s)
+        except TimeoutError:
+            raise oa.RequestError(f"request body not received within {config.body_timeout_s:.0f} s", 408) from None
         try:
             payload = json.loads(body)
         except ValueError as e:

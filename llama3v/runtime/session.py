@@ -20,7 +20,7 @@ from llama3v.errors import Llama3vError
 from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.gguf_check import check_pair, read_gguf
+from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
 from llama3v.runtime.media import EncodeCache, Part, Rows, describe, image_parts
 from llama3v.runtime.prompt import Message, message_from_openai, render
 
@@ -107,7 +107,7 @@ class Session:
         max_tiles: int | None = None,
         image_layout: str | None = None,
     ):
-        model_info = read_gguf(model_path)
+        model_info = read_model(model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
         self.model = TextModel(model_path, n_gpu_layers=n_gpu_layers, info=model_info)
@@ -121,7 +121,7 @@ class Session:
                    max_tiles: int | None = None, image_layout: str | None = None) -> Session:
         """A session over a `llama_cpp.Llama`'s own model and context, without loading the model again."""
         self = cls.__new__(cls)
-        model_info = read_gguf(llama.model_path)
+        model_info = read_model(llama.model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
         self.model = TextModel(llama.model_path, info=model_info, borrow=llama._model.model)

@@ -1,0 +1,285 @@
+"""Fuzz llama3v's loaders with mutated valid inputs, each case run in a worker subprocess.
+
+Every case must end in success or a clean Llama3vError; a signal (llama.cpp aborting, a segfault)
+or a hang is a finding. A worker process runs cases one after another (starting Python and
+llama.cpp per case would make a 1000-case run take an hour); when it dies or hangs, the case is
+recorded, the input saved under the findings directory and a fresh worker started.
+
+    .venv/bin/python tests/fuzz_harness.py --cases 1000 [--kinds gguf-model,gguf-mmproj,image,video]
+
+`tests/test_fuzz.py` runs a short version in `make test`; `make fuzz` the long one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+KINDS = ("gguf-model", "gguf-mmproj", "image")
+GOOD: dict[str, Path] = {}  # valid files the CLI cases pair a mutated file with
+CASE_TIMEOUT_S = 30.0
+EXTREMES = [0, 1, 2, 3, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
+
+
+# --- the worker: runs one case per input line, answers one JSON line ------------------------------
+
+def _load_case(kind: str, path: str) -> None:
+    from llama3v.runtime.context import Context, TextModel
+    from llama3v.runtime.encoder import VisionEncoder
+    from llama3v.runtime.image_processing import ImageSpec, load_image, process_image
+
+    if kind == "gguf-model":
+        model = TextModel(path)
+        ctx_ = Context(model, n_ctx=256, n_batch=64)
+        ctx_.decode_tokens([1, 2, 3])
+        ctx_.close()
+        model.close()
+    elif kind == "gguf-mmproj":
+        enc = VisionEncoder(path, check_engine=False)
+        enc.encode(np.zeros((enc.spec.size, enc.spec.size, 3), np.uint8))
+        enc.close()
+    elif kind == "image":
+        image = load_image(path)
+        process_image(image, ImageSpec(56, "pad", max_tiles=4))
+        process_image(image, ImageSpec(56, "squash", grid_pinpoints=((56, 112), (112, 56), (112, 112))))
+    else:
+        raise ValueError(kind)
+
+
+def worker() -> None:
+    """Read `kind<TAB>path` lines from stdin; print {"ok": ...} or {"error": ...} per line."""
+    from llama3v.errors import Llama3vError
+
+    # Replies get the original stdout; whatever C code prints to stdout goes to stderr instead.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        kind, path = line.rstrip("\n").split("\t")
+        try:
+            _load_case(kind, path)
+            reply = {"ok": ""}
+        except Llama3vError as e:
+            reply = {"error": str(e)[:300]}
+        except Exception as e:  # a Python exception that is not a clean error is a finding too
+            reply = {"unclean": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps(reply), file=replies, flush=True)
+
+
+# --- the parent: mutates inputs, feeds the worker, watches for signals and hangs -------------------
+
+@dataclass
+class Outcomes:
+    """Counts per kind and outcome, and the saved findings."""
+
+    counts: Counter = field(default_factory=Counter)
+    findings: list[str] = field(default_factory=list)
+
+
+class Runner:
+    """Keeps one worker process alive and runs cases through it; every `cli_every`-th case also runs
+    through the `llama3v` command in a process of its own."""
+
+    def __init__(self, findings_dir: Path, good: dict[str, Path], cli_every: int = 0):
+        self.findings_dir, self.good, self.cli_every = findings_dir, good, cli_every
+        self.proc: subprocess.Popen | None = None
+        self.outcomes = Outcomes()
+        self.n = 0
+
+    def _start(self) -> None:
+        env = {**os.environ, "LLAMA3V_SKIP_ENGINE_CHECK": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                     cwd=Path(__file__).resolve().parents[1])
+
+    def run(self, kind: str, data: bytes, suffix: str) -> str:
+        """Run one case; returns 'ok', 'error', 'unclean', 'signal' or 'hang'."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+            f.write(data)
+        self.n += 1
+        if self.cli_every and self.n % self.cli_every == 0:
+            self._record(kind + "-cli", self._cli(kind, f.name), f.name, suffix, "")
+        try:
+            self.proc.stdin.write(f"{kind}\t{f.name}\n")
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], CASE_TIMEOUT_S)
+            line = self.proc.stdout.readline() if ready else ""
+            if not ready:
+                outcome = "hang"
+                self.proc.kill()
+                self.proc.wait()
+            elif not line:
+                self.proc.wait()
+                outcome = f"signal {-self.proc.returncode}" if self.proc.returncode < 0 else "died"
+            else:
+                outcome = next(iter(json.loads(line)))
+            detail = json.loads(line).get(outcome, "") if outcome == "unclean" else ""
+            self._record(kind, outcome, f.name, suffix, detail)
+            return outcome
+        finally:
+            os.unlink(f.name)
+
+    def _record(self, kind: str, outcome: str, path: str, suffix: str, detail: str) -> None:
+        if outcome not in ("ok", "error"):
+            self.findings_dir.mkdir(parents=True, exist_ok=True)
+            saved = self.findings_dir / f"{kind}-{len(self.outcomes.findings)}{suffix}"
+            shutil.copy(path, saved)
+            self.outcomes.findings.append(f"{kind}: {outcome} {detail} ({saved})")
+        self.outcomes.counts[kind, outcome.split()[0]] += 1
+
+    def _cli(self, kind: str, path: str) -> str:
+        """The case through the command line: exit 0 or 1 with one line on stderr, never a signal."""
+        out = Path(path).with_suffix(".npy")
+        args = {"gguf-model": ["run", "--model", path, "-p", "hi", "-n", "2", "--n-ctx", "256"],
+                "gguf-mmproj": ["embed", "--mmproj", path, "--image", str(self.good["image"]), "-o", str(out)],
+                "image": ["embed", "--mmproj", str(self.good["mmproj"]), "--image", path, "-o", str(out)]}[kind]
+        env = {**os.environ, "LLAMA3V_SKIP_ENGINE_CHECK": "1"}
+        try:
+            r = subprocess.run([sys.executable, "-m", "llama3v.cli", *args], capture_output=True, text=True,
+                               timeout=CASE_TIMEOUT_S * 2, env=env, cwd=Path(__file__).resolve().parents[1])
+        except subprocess.TimeoutExpired:
+            return "hang"
+        finally:
+            out.unlink(missing_ok=True)
+            out.with_suffix(".json").unlink(missing_ok=True)
+        if r.returncode < 0:
+            return f"signal {-r.returncode}"
+        clean = r.returncode == 0 or (r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1)
+        return ("ok" if r.returncode == 0 else "error") if clean else "unclean"
+
+    def close(self) -> None:
+        """Stop the worker."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+@st.composite
+def mutations(draw: st.DrawFn, size: int, header: int) -> list[tuple]:
+    """A few edits of a file of `size` bytes, aimed at its first `header` bytes half of the time."""
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        limit = header if draw(st.booleans()) else size
+        pos = draw(st.integers(0, max(0, limit - 1)))
+        op = draw(st.sampled_from(["flip", "byte", "int32", "int64", "truncate", "insert", "delete"]))
+        value = draw(st.sampled_from(EXTREMES)) if op in ("int32", "int64") else draw(st.integers(0, 255))
+        ops.append((op, pos, value))
+    return ops
+
+
+def mutate(data: bytes, ops: list[tuple]) -> bytes:
+    """Apply edits in order."""
+    b = bytearray(data)
+    for op, pos, value in ops:
+        pos = min(pos, max(0, len(b) - 1))
+        if op == "flip" and b:
+            b[pos] ^= 1 << (value % 8)
+        elif op == "byte" and b:
+            b[pos] = value
+        elif op == "int32":
+            b[pos:pos + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+        elif op == "int64":
+            b[pos:pos + 8] = value.to_bytes(8, "little")
+        elif op == "truncate":
+            del b[pos:]
+        elif op == "insert":
+            b[pos:pos] = bytes([value]) * (1 + value % 64)
+        elif op == "delete":
+            del b[pos:pos + 1 + value]
+    return bytes(b)
+
+
+def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
+    """Valid inputs per kind: (bytes, suffix, size of the region worth aiming at)."""
+    from llama3v.converters.convert import convert
+    from llama3v.evaluation.scenes import scene
+    from llama3v.gguf_header import read_gguf
+    from llama3v.models.factory import TinySpec, make_checkpoint
+
+    ckpt = make_checkpoint(workdir / "ckpt", TinySpec(vision_layers=1, feature_layer=-1, text_layers=1), "hf-5")
+    model, mmproj = convert(ckpt, workdir / "gguf", "f16", "f16", force=True)
+    scene(1, 120, 90).save(workdir / "scene.png")
+    scene(2, 160, 120).save(workdir / "scene.jpg", quality=85)
+
+    def header_size(path: Path) -> int:
+        info = read_gguf(path)
+        return min(t.offset for t in info.tensors.values())
+
+    GOOD.update(mmproj=mmproj, image=workdir / "scene.png")
+    return {
+        "gguf-model": (model.read_bytes(), ".gguf", header_size(model)),
+        "gguf-mmproj": (mmproj.read_bytes(), ".gguf", header_size(mmproj)),
+        "image-png": ((workdir / "scene.png").read_bytes(), ".png", 200),
+        "image-jpeg": ((workdir / "scene.jpg").read_bytes(), ".jpg", 700),
+    }
+
+
+def _cases(runner: Runner, kind: str, data: bytes, suffix: str, header: int, n: int):  # noqa: ANN202
+    """A hypothesis-driven function that runs `n` mutated cases of one input."""
+    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(mutations(len(data), header))
+    def case(ops: list[tuple]) -> None:
+        runner.run(kind, mutate(data, ops), suffix)
+
+    return case
+
+
+def fuzz(n_cases: int, kinds: tuple[str, ...], workdir: Path, findings: Path, cli_every: int = 0) -> Outcomes:
+    """Run `n_cases` mutated cases per kind (plus each unmutated input first); return the outcomes."""
+    inputs = seeds(workdir)
+    runner = Runner(findings, GOOD, cli_every)
+    try:
+        for name, (data, suffix, header) in inputs.items():
+            kind = "image" if name.startswith("image") else name
+            if kind not in kinds:
+                continue
+            assert runner.run(kind, data, suffix) == "ok", f"the unmutated {name} must load"
+            per_input = n_cases // sum(1 for n in inputs if n.startswith(kind))
+            started = time.monotonic()
+            _cases(runner, kind, data, suffix, header, per_input)()
+            print(f"{name}: {per_input} cases in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    finally:
+        runner.close()
+    return runner.outcomes
+
+
+def main() -> None:
+    """Command-line entry: run the fuzz suite and print counts and findings."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", type=int, default=1000, help="cases per kind (1000)")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
+    ap.add_argument("--cli-every", type=int, default=50, help="also run every Nth case through the CLI (50)")
+    args = ap.parse_args()
+    if args.worker:
+        worker()
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        outcomes = fuzz(args.cases, tuple(args.kinds.split(",")), Path(tmp), args.findings, args.cli_every)
+    for (kind, outcome), n in sorted(outcomes.counts.items()):
+        print(f"{kind:12} {outcome:8} {n}")
+    for f in outcomes.findings:
+        print("FINDING", f)
+    sys.exit(1 if outcomes.findings else 0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
