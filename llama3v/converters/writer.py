@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from llama3v.converters.quantize import encode
 from llama3v.errors import Llama3vError
+from llama3v.gguf_header import read_gguf
 
 
 @dataclass
@@ -92,13 +93,12 @@ def _alive(pid: int) -> bool:
 
 def _verify(path: Path, tensors: list[TensorPlan]) -> None:
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError and others on a malformed file
+        found = read_gguf(path).tensors
+    except Llama3vError as e:
         raise Llama3vError(f"{path}: written file does not read back ({e})") from e
-    found = {t.name: t for t in reader.tensors}
     for t in tensors:
         got = found.get(t.name)
-        if got is None or got.tensor_type != t.qtype or got.n_bytes != t.nbytes:
+        if got is None or got.type != t.qtype or got.nbytes != t.nbytes:
             raise Llama3vError(f"{path}: tensor {t.name} did not read back as written")
 
 

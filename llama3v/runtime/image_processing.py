@@ -147,6 +147,8 @@ def _cut(canvas: np.ndarray, size: int) -> list[np.ndarray]:
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image from a path, bytes, a PIL image or a uint8 array; return it decoded, upright, RGB."""
     if isinstance(source, np.ndarray):
+        if source.ndim >= 2 and source.shape[0] * source.shape[1] > max_pixels:
+            raise Llama3vError(f"{source.shape[1]}x{source.shape[0]} image exceeds the {max_pixels:,}-pixel limit")
         return _from_array(source)
     if isinstance(source, Image.Image):
         image, name = source, "image"
@@ -180,11 +182,17 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # PIL clips wide greyscale at 255 when converting; rescale to 8 bits instead.
+    if image.mode.startswith("I;16"):
+        # PIL clips 16-bit greyscale at 255 when converting; map the full 16-bit range to 8 bits.
+        image = Image.fromarray(np.round(np.asarray(image, np.float64) * (255 / 65535)).astype(np.uint8))
+    elif image.mode in ("I", "F"):  # 32-bit values have no fixed range: stretch the image's own
         arr = np.asarray(image, dtype=np.float64)
         top = arr.max() if arr.size else 0
         image = Image.fromarray((arr * (255.0 / top) if top > 0 else arr).clip(0, 255).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # As HF's convert_to_rgb: transparency is laid over white, not dropped.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -202,6 +210,13 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 def prepare_tile(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """One tile of spec.size x spec.size, uint8 RGB [H, W, 3], prepared as HF's processor does."""
+    w, h = image.size
+    # HF's steps build a padded square or a shortest-edge resize before cropping: for a very
+    # elongated image either can be far larger than the image (1x100000 -> 336 x 33.6M pixels).
+    work = {"pad": max(w, h) ** 2, "resize": spec.size * int(spec.size * max(w, h) / min(w, h)), "squash": 0}
+    if work[spec.mode] > spec.max_pixels:
+        raise Llama3vError(f"a {w}x{h} image is too elongated for {spec.mode!r} preprocessing "
+                           f"(it would need a {work[spec.mode]:,}-pixel intermediate)")
     if spec.mode == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in spec.mean))
     if spec.mode == "squash":
