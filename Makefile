@@ -18,3 +18,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+fuzz: setup
+	$(BIN)/python tests/fuzz_harness.py --cases 1000
