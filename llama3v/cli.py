@@ -34,7 +34,14 @@ def _add_media(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-layout", choices=("hf", "llama.cpp"), default=None,
                    help="LLaVA-NeXT embedding layout: 'hf' (unpadded, newline per row; the default when the "
                    "mmproj has the newline vector) or 'llama.cpp' (tiles, then the base view)")
-    p.add_argument("--max-video-tokens", type=int, default=None, metavar="N", help="token budget per video")
+    p.add_argument("--max-video-tokens", type=int, default=None, metavar="N",
+                   help="rows each video may use; frames are pooled and pruned only as far as needed (default: what "
+                   "the context leaves after the prompt and the answer; for `embed`, no limit)")
+    p.add_argument("--video-frames", type=int, default=16, metavar="N",
+                   help="frames sampled per video, uniformly (16), or the cap with --video-fps")
+    p.add_argument("--video-fps", type=float, default=None, metavar="F", help="sample F frames per second instead")
+    p.add_argument("--video-start", type=float, default=0.0, metavar="S", help="sample from S seconds (0)")
+    p.add_argument("--video-end", type=float, default=None, metavar="S", help="sample until S seconds (the end)")
     p.set_defaults(media=[])
 
 
@@ -183,21 +190,39 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace):  # -> llama3v.runtime.video.Sampling
+    from llama3v.runtime.video import Sampling
+
+    return Sampling(frames=args.video_frames, fps=args.video_fps, start=args.video_start, end=args.video_end)
+
+
+def _progress(args: argparse.Namespace):  # -> a progress callback or None
+    """A progress line on stderr for decodes and encodes, unless --quiet or --json."""
+    if args.quiet or getattr(args, "json", False):
+        return None
+
+    def show(what: str, done: int, total: int) -> None:
+        sys.stderr.write(f"\r\033[K{what}: {done}/{total}" + ("\n" if done >= total else ""))
+        sys.stderr.flush()
+
+    return show
+
+
 def _embed(args: argparse.Namespace) -> int:
     from llama3v.runtime.embed import embed_to_files
 
-    _check_media_options(args)
-    embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads, max_tiles=args.max_tiles,
-                   image_layout=args.image_layout)
+    embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads, progress=_progress(args),
+                   max_tiles=args.max_tiles, image_layout=args.image_layout, sampling=_sampling(args),
+                   max_video_tokens=args.max_video_tokens)
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from llama3v.runtime.session import Session
 
-    _check_media_options(args)
     with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles, image_layout=args.image_layout) as session:
+                 max_tiles=args.max_tiles, image_layout=args.image_layout, max_video_tokens=args.max_video_tokens,
+                 video_sampling=_sampling(args), progress=_progress(args)) as session:
         gen = session.generate(args.prompt, media=args.media, system=args.system, max_tokens=args.n_predict,
                                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         for piece in gen:
@@ -213,8 +238,10 @@ def _run(args: argparse.Namespace) -> int:
             t = result.timings
             for m in result.media:
                 per_tile = ", ".join(f"{ms:.0f}" for ms in m.get("tile_encode_ms", []))
-                print(f"{m['kind']} {m['media']}: {m.get('layout')} grid {m.get('grid')}, {m.get('n_tiles')} tiles, "
-                      f"{m['rows']} rows, encode ms per tile [{per_tile}]", file=sys.stderr)
+                shape = (f"{m['frames_kept']}/{m['n_frames']} frames kept, pooled {m['pooled']}" if m["kind"] == "video"
+                         else f"{m.get('layout')} grid {m.get('grid')}, {m.get('n_tiles')} tiles")
+                print(f"{m['kind']} {m['media']}: {shape}, {m['rows']} rows, encode ms per tile/frame [{per_tile}]",
+                      file=sys.stderr)
             print(f"prompt {result.n_prompt_tokens} tokens, encode {t['encode_ms']:.0f} ms, "
                   f"prompt {t['prompt_ms']:.0f} ms, decode {len(result.tokens)} tokens "
                   f"at {t['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
@@ -256,11 +283,6 @@ def _demo(args: argparse.Namespace) -> int:
     from llama3v.evaluation.demo import run_demo
 
     return run_demo(args.workdir, quiet=args.quiet)
-
-
-def _check_media_options(args: argparse.Namespace) -> None:
-    if any(k == "video" for k, _ in args.media) or args.max_video_tokens is not None:
-        raise Llama3vError("video input is not available yet in this version")
 
 
 _COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo}

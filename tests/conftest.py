@@ -71,3 +71,21 @@ def scenes_dir(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         scene(i, w, h).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def motion_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3 s, 10 fps, 96x72 mp4v clip: a square moves over a drawn scene for 1.5 s, then nothing moves."""
+    import cv2
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("video") / "motion.mp4"
+    background = np.asarray(scene(4, 96, 72))[:, :, ::-1].copy()  # BGR for OpenCV
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 72))
+    for i in range(30):
+        frame = background.copy()
+        x = min(i, 15) * 4
+        frame[20:44, x:x + 24] = (30, 200, 240)
+        writer.write(frame)
+    writer.release()
+    return path

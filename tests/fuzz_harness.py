@@ -29,7 +29,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-KINDS = ("gguf-model", "gguf-mmproj", "image")
+KINDS = ("gguf-model", "gguf-mmproj", "image", "video")
 GOOD: dict[str, Path] = {}  # valid files the CLI cases pair a mutated file with
 CASE_TIMEOUT_S = 30.0
 EXTREMES = [0, 1, 2, 3, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
@@ -56,6 +56,12 @@ def _load_case(kind: str, path: str) -> None:
         image = load_image(path)
         process_image(image, ImageSpec(56, "pad", max_tiles=4))
         process_image(image, ImageSpec(56, "squash", grid_pinpoints=((56, 112), (112, 56), (112, 112))))
+    elif kind == "video":
+        from llama3v.runtime.video import Sampling, read_video
+
+        _, frames = read_video(path, Sampling(frames=4))
+        for frame in frames:
+            process_image(load_image(frame.rgb), ImageSpec(56, "resize"))
     else:
         raise ValueError(kind)
 
@@ -147,7 +153,9 @@ class Runner:
         out = Path(path).with_suffix(".npy")
         args = {"gguf-model": ["run", "--model", path, "-p", "hi", "-n", "2", "--n-ctx", "256"],
                 "gguf-mmproj": ["embed", "--mmproj", path, "--image", str(self.good["image"]), "-o", str(out)],
-                "image": ["embed", "--mmproj", str(self.good["mmproj"]), "--image", path, "-o", str(out)]}[kind]
+                "image": ["embed", "--mmproj", str(self.good["mmproj"]), "--image", path, "-o", str(out)],
+                "video": ["embed", "--mmproj", str(self.good["mmproj"]), "--video", path, "-o", str(out),
+                          "--video-frames", "4"]}[kind]
         env = {**os.environ, "LLAMA3V_SKIP_ENGINE_CHECK": "1"}
         try:
             r = subprocess.run([sys.executable, "-m", "llama3v.cli", *args], capture_output=True, text=True,
@@ -215,6 +223,8 @@ def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
     model, mmproj = convert(ckpt, workdir / "gguf", "f16", "f16", force=True)
     scene(1, 120, 90).save(workdir / "scene.png")
     scene(2, 160, 120).save(workdir / "scene.jpg", quality=85)
+    videos = {name: _video(workdir / f"clip.{ext}", fourcc) for name, ext, fourcc in
+              (("video-mp4v", "mp4", "mp4v"), ("video-mjpg", "avi", "MJPG"))}
 
     def header_size(path: Path) -> int:
         info = read_gguf(path)
@@ -226,7 +236,20 @@ def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
         "gguf-mmproj": (mmproj.read_bytes(), ".gguf", header_size(mmproj)),
         "image-png": ((workdir / "scene.png").read_bytes(), ".png", 200),
         "image-jpeg": ((workdir / "scene.jpg").read_bytes(), ".jpg", 700),
+        **{name: (path.read_bytes(), path.suffix, 2000) for name, path in videos.items()},
     }
+
+
+def _video(path: Path, fourcc: str) -> Path:
+    import cv2
+
+    from llama3v.evaluation.scenes import scene
+
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), 10, (64, 48))
+    for i in range(12):
+        writer.write(np.asarray(scene(i % 3, 64, 48))[:, :, ::-1].copy())
+    writer.release()
+    return path
 
 
 def _cases(runner: Runner, kind: str, data: bytes, suffix: str, header: int, n: int):  # noqa: ANN202
@@ -246,7 +269,7 @@ def fuzz(n_cases: int, kinds: tuple[str, ...], workdir: Path, findings: Path, cl
     runner = Runner(findings, GOOD, cli_every)
     try:
         for name, (data, suffix, header) in inputs.items():
-            kind = "image" if name.startswith("image") else name
+            kind = name.split("-")[0] if name.startswith(("image", "video")) else name
             if kind not in kinds:
                 continue
             assert runner.run(kind, data, suffix) == "ok", f"the unmutated {name} must load"

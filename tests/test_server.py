@@ -42,9 +42,10 @@ def built(tiny):
 
 
 @pytest.fixture(scope="module")
-def media_root(tmp_path_factory, picture) -> Path:
+def media_root(tmp_path_factory, picture, motion_video) -> Path:
     root = tmp_path_factory.mktemp("media")
     (root / "picture.png").write_bytes(picture.read_bytes())
+    (root / "motion.mp4").write_bytes(motion_video.read_bytes())
     (tmp_path_factory.mktemp("private") / "secret.png").write_bytes(picture.read_bytes())
     return root
 
@@ -115,6 +116,19 @@ def test_streamed_turn_equals_run(built, client, media_root):
     assert text == cli["text"]
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "really streamed"
     assert chunks[-1].usage.completion_tokens == len(cli["tokens"])
+
+
+@pytest.mark.parametrize("as_data_uri", [False, True])
+def test_video_turn_equals_run(built, client, media_root, as_data_uri):
+    path = media_root / "motion.mp4"
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode() if as_data_uri else str(path)
+    r = client.chat.completions.create(
+        model="model-f32", temperature=0, seed=1, max_tokens=12,
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                               {"type": "text", "text": "What happens?"}]}])
+    cli = _run_cli(built, "--video", str(path), "-p", "What happens?", "-n", "12", "--n-ctx", "8192")
+    assert r.choices[0].message.content == cli["text"]
+    assert r.usage.prompt_tokens == cli["n_prompt_tokens"] > 16 * 16
 
 
 def test_eight_concurrent_requests(client):

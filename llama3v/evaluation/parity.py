@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from PIL import Image
 
 from llama3v.models.llava import LlavaReference
+from llama3v.models.video import fit_budget, sample_indices
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile, process_image
 from llama3v.runtime.session import Session
+from llama3v.runtime.video import Sampling, VideoReader
 
 
 def nmse(x: np.ndarray, ref: np.ndarray) -> float:
@@ -50,6 +53,20 @@ def reference_rows(reference: LlavaReference, encoder: VisionEncoder, image: Ima
         return reference.encode_anyres(processed.tiles, layout.grid, layout.image_size)
     per_tile = reference.encode_tiles(processed.tiles).reshape(layout.n_tiles, -1, reference.n_embd)
     return np.concatenate([*per_tile[1:], per_tile[0]])
+
+
+def reference_video_rows(reference: LlavaReference, encoder: VisionEncoder, path: str, sampling: Sampling,
+                         budget: int | None, measure: str = "pixels") -> tuple[list[int], np.ndarray]:
+    """The frame indices the reference samples and the rows it feeds the LLM for a video (from the same frames)."""
+    with VideoReader(path) as reader:
+        info = reader.info
+        indices = sample_indices(info.frame_count, info.fps, sampling.frames, sampling.fps, sampling.start,
+                                 sampling.end)
+        tiles = [prepare_tile(Image.fromarray(f.rgb), encoder.spec) for f in reader.frames(indices)]
+    g = encoder.grid
+    grids = reference.encode_tiles(np.stack(tiles)).reshape(len(tiles), g * g, reference.n_embd)
+    _, rows, _ = fit_budget(list(grids), tiles, g, budget if budget is not None else len(tiles) * g * g, measure)
+    return indices, np.concatenate(rows)
 
 
 @dataclass
@@ -88,15 +105,20 @@ class GenerationParity:
 
 
 def generation_parity(reference: LlavaReference, session: Session, prompt: str, images: list[ImageInput],
-                      n_steps: int = 16) -> GenerationParity:
-    """Greedy-generate `n_steps` on both sides from the same prompt and images; compare tokens and logits."""
-    gen = session.generate(prompt, images=images, temperature=0, max_tokens=n_steps, all_logits=True)
+                      n_steps: int = 16, videos: list[str] = ()) -> GenerationParity:
+    """Greedy-generate `n_steps` on both sides from the same prompt and media (images first, then videos, as
+    `generate` places them without markers); compare tokens and logits."""
+    gen = session.generate(prompt, images=images, videos=videos, temperature=0, max_tokens=n_steps, all_logits=True)
     result = gen.wait()
     if result.n_reused:
         raise ValueError("generation parity needs a session whose KV cache does not already hold the prompt")
     ours = session.prompt_logits
-    rows = np.concatenate([reference_rows(reference, session.encoder, img, session.max_tiles, session.image_layout)
-                           for img in images]) if images else None
+    blocks = [reference_rows(reference, session.encoder, img, session.max_tiles, session.image_layout)
+              for img in images]
+    blocks += [reference_video_rows(reference, session.encoder, v, session.video_sampling, info["budget"],
+                                    session.video_measure)[1]
+               for v, info in zip(videos, result.media[len(images):], strict=True)]
+    rows = np.concatenate(blocks) if blocks else None
     ref_logits = reference.logits(result.prompt_tokens, rows)
     ref_tokens, margins = reference.greedy(result.prompt_tokens, rows, n_steps)
     return GenerationParity(

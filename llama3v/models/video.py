@@ -75,7 +75,7 @@ class Pruner:
         side = math.ceil(grid / 2)
         self.cells = side * side
         if measure == "pixels":
-            self.pixels = [torch.from_numpy(np.asarray(p)).long() for p in pixels]
+            self.pixels = [torch.from_numpy(np.array(p)).long() for p in pixels]  # copies: inputs may be read-only
             h, w = self.pixels[0].shape[:2]
             patch_rows = torch.div(torch.arange(grid + 1) * h, grid, rounding_mode="floor")
             patch_cols = torch.div(torch.arange(grid + 1) * w, grid, rounding_mode="floor")

@@ -10,17 +10,30 @@ import numpy as np
 
 from llama3v.errors import Llama3vError
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.media import EncodeCache, Part, Rows, image_parts
+from llama3v.runtime.media import (
+    EncodeCache,
+    Part,
+    Progress,
+    Rows,
+    describe,
+    image_parts,
+    sample_video,
+    video_parts,
+)
+from llama3v.runtime.video import Sampling
 
 
 def media_parts(encoder: VisionEncoder, media: list[tuple[str, object]], cache: EncodeCache,
-                max_tiles: int | None = None, image_layout: str | None = None) -> list[list[Part]]:
-    """Expand each (kind, source) into its prompt parts."""
+                max_tiles: int | None = None, image_layout: str | None = None, sampling: Sampling | None = None,
+                max_video_tokens: int | None = None, progress: Progress | None = None) -> list[list[Part]]:
+    """Expand each (kind, source) into its prompt parts; videos use `max_video_tokens` each (None: all rows)."""
     out = []
     for i, (kind, source) in enumerate(media):
-        if kind != "image":
-            raise Llama3vError(f"{kind} input is not supported yet")
-        out.append(image_parts(source, i, encoder, cache, max_tiles, image_layout))
+        if kind == "image":
+            out.append(image_parts(source, i, encoder, cache, max_tiles, image_layout, progress))
+        else:
+            video = sample_video(source, i, encoder, sampling or Sampling(), progress)
+            out.append(video_parts(video, encoder, cache, max_video_tokens, progress=progress))
     return out
 
 
@@ -32,7 +45,8 @@ def stack_parts(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
             if isinstance(part, Rows):
                 rows = part.data()
                 blocks.append(rows)
-                entries.append({"type": "rows", **part.meta, "first_row": first, "n_rows": len(rows)})
+                meta = {k: v for k, v in part.meta.items() if k != "tile_encode_ms"}
+                entries.append({"type": "rows", **meta, "first_row": first, "n_rows": len(rows)})
                 first += len(rows)
             else:
                 entries.append({"type": "text", "text": part})
@@ -41,8 +55,10 @@ def stack_parts(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
 
 
 def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, n_threads: int | None = None,
-                   max_tiles: int | None = None, image_layout: str | None = None) -> None:
-    """Encode `media` and write OUTPUT (.npy, float32 [n_rows, n_embd]) and OUTPUT.json atomically."""
+                   progress: Progress | None = None, **options: object) -> None:
+    """Encode `media` and write OUTPUT (.npy, float32 [n_rows, n_embd]) and OUTPUT.json atomically.
+
+    Options as media_parts takes them: max_tiles, image_layout, sampling, max_video_tokens."""
     if not media:
         raise Llama3vError("give at least one --image or --video")
     output = Path(output)
@@ -50,11 +66,13 @@ def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, 
         raise Llama3vError(f"{output}: the output must be a .npy file")
     encoder = VisionEncoder(mmproj, n_threads=n_threads)
     try:
-        rows, entries = stack_parts(media_parts(encoder, media, EncodeCache(), max_tiles, image_layout))
+        parts = media_parts(encoder, media, EncodeCache(), progress=progress, **options)
+        rows, entries = stack_parts(parts)
     finally:
         encoder.close()
     doc = {"n_rows": int(rows.shape[0]), "n_embd": int(rows.shape[1]), "parts": entries,
-           "media": [{"index": i, "kind": k, "source": str(s)} for i, (k, s) in enumerate(media)]}
+           "media": [{"index": i, "kind": k, "source": str(s), **describe(p)}
+                     for i, ((k, s), p) in enumerate(zip(media, parts, strict=True))]}
     meta = output.with_suffix(".json")
     for path, write in ((output, lambda f: np.save(f, rows)),
                         (meta, lambda f: f.write(json.dumps(doc, indent=1).encode()))):

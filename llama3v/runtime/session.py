@@ -21,8 +21,19 @@ from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
-from llama3v.runtime.media import EncodeCache, Part, Rows, describe, image_parts
+from llama3v.runtime.media import (
+    EncodeCache,
+    Part,
+    Progress,
+    Rows,
+    describe,
+    image_parts,
+    sample_video,
+    video_parts,
+)
 from llama3v.runtime.prompt import Message, message_from_openai, render
+from llama3v.runtime.video import Sampling
+from llama3v.runtime.video_budget import DEFAULT_MEASURE, default_budget
 
 
 @dataclass
@@ -106,6 +117,9 @@ class Session:
         encode_cache_bytes: int = 256 << 20,
         max_tiles: int | None = None,
         image_layout: str | None = None,
+        max_video_tokens: int | None = None,
+        video_sampling: Sampling | None = None,
+        progress: Progress | None = None,
     ):
         model_info = read_model(model_path)
         if mmproj_path is not None:
@@ -114,6 +128,8 @@ class Session:
         self.ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
                            flash_attn=flash_attn)
         self._setup(mmproj_path, n_threads, n_gpu_layers != 0, flash_attn, encode_cache_bytes, max_tiles, image_layout)
+        self.max_video_tokens, self.progress = max_video_tokens, progress
+        self.video_sampling = video_sampling or Sampling()
 
     @classmethod
     def from_llama(cls, llama: object, mmproj_path: str | Path | None = None, n_threads: int | None = None,
@@ -137,9 +153,13 @@ class Session:
             self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads, use_gpu=use_gpu,
                                          flash_attn=flash_attn)
         self.cache = EncodeCache(encode_cache_bytes)
-        # High-resolution images (docs/high-resolution.md); both may be changed between calls.
+        # Media options (docs/high-resolution.md, docs/video.md); each may be changed between calls.
         self.max_tiles = max_tiles
         self.image_layout = image_layout
+        self.max_video_tokens: int | None = None  # None: what the context leaves after the rest and the answer
+        self.video_sampling = Sampling()
+        self.video_measure = DEFAULT_MEASURE
+        self.progress: Progress | None = None  # called as (what, done, total) while decoding and encoding
         self.template = self.model.chat_template or LLAMA3_TEMPLATE
         self._held: list = []  # identities of the positions in the KV cache, in order
 
@@ -168,14 +188,30 @@ class Session:
     def _run(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
              top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
              logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
-        prompt, media_info = self._prepare(messages)
+        prompt, media_info = self._prepare(messages, max_tokens)
         sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
                                                    all_logits))
 
-    def _prepare(self, messages: list[Message]) -> tuple[_Prompt, list[dict]]:
+    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
-        expanded = [self._media_parts(kind, source, i) for i, (kind, source) in enumerate(media)]
+        if media and self.encoder is None:
+            raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
+        images = {i: image_parts(src, i, self.encoder, self.cache, self.max_tiles, self.image_layout, self.progress)
+                  for i, (kind, src) in enumerate(media) if kind == "image"}
+        videos = {i: sample_video(src, i, self.encoder, self.video_sampling, self.progress)
+                  for i, (kind, src) in enumerate(media) if kind == "video"}
+        budget = self.max_video_tokens
+        if videos and budget is None:
+            # The context left after everything that is not a video row, the answer's room included.
+            fixed = sum(len(self.model.tokenize(p)) for p in pieces if isinstance(p, str))
+            fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p))
+                         for parts in images.values() for p in parts)
+            fixed += sum(len(self.model.tokenize(t)) for v in videos.values() for t in v.timestamp_texts)
+            budget = default_budget(self.ctx.n_ctx, fixed, answer_tokens, len(videos))
+        expanded = [images[i] if i in images else
+                    video_parts(videos[i], self.encoder, self.cache, budget, self.video_measure, self.progress)
+                    for i in range(len(media))]
         runs: list[list[int] | Rows] = []
         for piece in pieces:
             parts: list[Part] = expanded[piece] if isinstance(piece, int) else [piece]
@@ -190,19 +226,12 @@ class Session:
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
         if n >= self.ctx.n_ctx:
-            tiled = any(len([p for p in parts if isinstance(p, Rows)]) > 1 or
-                        isinstance(parts[0], Rows) and parts[0].meta.get("n_tiles", 1) > 1 for parts in expanded)
-            knobs = "raise --n-ctx" + (", lower --max-tiles" if tiled else "") + " or give fewer or smaller media"
+            tiled = any(p.meta.get("n_tiles", 1) > 1 for p in runs if isinstance(p, Rows))
+            knobs = ["raise --n-ctx"] + (["lower --max-tiles"] if tiled else []) + \
+                (["lower --max-video-tokens"] if videos else []) + ["give fewer or smaller media"]
             raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
-                               f"{self.ctx.n_ctx}: {knobs}")
+                               f"{self.ctx.n_ctx}: {', '.join(knobs)}")
         return prompt, [describe(parts) for parts in expanded]
-
-    def _media_parts(self, kind: str, source: object, index: int) -> list[Part]:
-        if self.encoder is None:
-            raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
-        if kind == "image":
-            return image_parts(source, index, self.encoder, self.cache, self.max_tiles, self.image_layout)
-        raise Llama3vError(f"{kind} input is not supported yet")
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
                 stop: list[str], all_logits: bool) -> Iterator[str]:
@@ -277,7 +306,7 @@ class Session:
         """
         media = [("image", s) for s in images] + [("video", s) for s in videos]
         messages = ([Message("system", system)] if system else []) + [Message("user", prompt, media)]
-        prepared, _ = self._prepare(messages)
+        prepared, _ = self._prepare(messages, len(continuation))
         if len(prepared.identities()) + len(continuation) >= self.ctx.n_ctx:
             raise Llama3vError(f"prompt and continuation do not fit the context of {self.ctx.n_ctx}")
         _, _, last = self._load(prepared, all_logits=False)
