@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+# libllama and libmtmd run OpenMP pools on few cores; spinning waiters stall each other (~385 ms an
+# encode on 2 cores, and hundreds of times slower when torch's libgomp is shared). OpenMP reads this
+# when the first OpenMP library loads, which may be torch's, so it is set as early as llama3v loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llama3v.errors import Llama3vError
 

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from llama3v import __version__
+from llama3v import __version__, quant_types
 from llama3v.errors import Llama3vError
 
 
@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(vision tower + projector in llama.cpp's mmproj format).")
     p.add_argument("src", type=Path, help="checkpoint directory (config.json + safetensors or .bin)")
     p.add_argument("-o", "--outdir", type=Path, required=True, help="output directory")
-    p.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"), help="type of both files (f16)")
-    p.add_argument("--model-outtype", choices=("f32", "f16", "q8_0"), help="type of the LLM file")
-    p.add_argument("--mmproj-outtype", choices=("f32", "f16", "q8_0"), help="type of the mmproj file")
+    p.add_argument("--outtype", default="f16", choices=quant_types.CONVERT_LLM_TYPES,
+                   help="type of both files (f16)")
+    p.add_argument("--model-outtype", choices=quant_types.CONVERT_LLM_TYPES,
+                   help="type of the LLM file (other LLM types: `llama3v quantize`)")
+    p.add_argument("--mmproj-outtype", choices=quant_types.MMPROJ_TYPES, help="type of the mmproj file")
     p.add_argument("--vision-tower", type=Path, help="directory of the vision tower when it is not in SRC")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
@@ -142,6 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=float(env("LLAMA3V_BODY_TIMEOUT", "30")),
                    help="seconds a client may take to send its request body (30)")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
+    _add_runtime(p)
+
+    p = sub.add_parser("quantize", parents=[common], help="write an mmproj or LLM GGUF in another type",
+                       description="Quantize an existing GGUF. An mmproj (f32/f16/bf16) is rewritten with the "
+                       "converter's rule for which tensors keep precision; an LLM (f32/f16/bf16) goes through "
+                       "llama.cpp's own quantizer (llama-quantize's per-tensor mixes). The output is written "
+                       "atomically and an existing file is kept unless --force.")
+    p.add_argument("src", type=Path, help="mmproj or model GGUF")
+    p.add_argument("type", help=f"mmproj: {', '.join(quant_types.MMPROJ_TYPES)}; "
+                   f"model: {', '.join(quant_types.LLM_QUANT_TYPES)}")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="output file (default: mmproj-<type>.gguf or model-<type>.gguf beside SRC)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="accept an mmproj that is already quantized (its error adds to the new type's)")
+    _add_runtime(p)
+
+    p = sub.add_parser("quant-report", parents=[common], help="measure every quantization combination",
+                       description="Convert SRC to f32 GGUFs in OUTDIR/gguf, derive each mmproj and model type, "
+                       "and measure per combination: file sizes, encode time per image, image-embedding NMSE "
+                       "and cosine against the PyTorch reference, and KL divergence of the next-token "
+                       "distribution against the f32 pair over its greedy answer. Writes quant-report.md, .csv "
+                       "and .png into OUTDIR; results are cached there, so an interrupted run resumes.")
+    p.add_argument("src", type=Path, help="Hugging Face checkpoint directory")
+    p.add_argument("--mmproj-types", metavar="A,B",
+                   help=f"comma-separated, from {', '.join(quant_types.MMPROJ_TYPES)} "
+                   f"(default: {','.join(quant_types.REPORT_MMPROJ_TYPES)})")
+    p.add_argument("--model-types", metavar="C,D",
+                   help=f"comma-separated, from {', '.join(quant_types.LLM_QUANT_TYPES)} "
+                   f"(default: {','.join(quant_types.REPORT_MODEL_TYPES)})")
+    p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
+                   help="an image (repeatable; default: two built-in drawn scenes)")
+    p.add_argument("-p", "--prompt", help="the question (default: 'Describe this image in detail.')")
+    p.add_argument("-n", "--n-predict", type=int, default=32, metavar="N",
+                   help="answer tokens the f32 model generates, over which KL is measured (32)")
+    p.add_argument("-o", "--outdir", type=Path, required=True, help="output and cache directory")
     _add_runtime(p)
 
     p = sub.add_parser("demo", parents=[common], help="build a small random model and run it end to end",
@@ -285,7 +323,20 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, quiet=args.quiet)
 
 
-_COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo}
+def _quantize(args: argparse.Namespace) -> int:
+    from llama3v.evaluation.quantize_command import quantize_command
+
+    return quantize_command(args)
+
+
+def _quant_report(args: argparse.Namespace) -> int:
+    from llama3v.evaluation.quant_report import quant_report_command
+
+    return quant_report_command(args)
+
+
+_COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo,
+             "quantize": _quantize, "quant-report": _quant_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import embedding_parity, generation_parity, nmse, tiles_of
 from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime import selfcheck
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.session import Session
-
-# DESIGN.md, fidelity: NMSE bounds of the mmproj embeddings per file type.
-BOUNDS = {"f32": 1e-6, "f16": 1e-4, "q8_0": 1e-3}
 
 # Widths that are multiples of 32 let q8_0 really quantize the matrices; the others stay odd.
 SPECS = {

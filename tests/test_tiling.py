@@ -12,6 +12,7 @@ from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, 
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from llama3v.errors import Llama3vError
+from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import generation_parity, nmse, reference_rows
 from llama3v.evaluation.scenes import scene
 from llama3v.models.factory import TinySpec
@@ -26,7 +27,6 @@ from llama3v.runtime.session import Session
 PINPOINTS_336 = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PINPOINTS_56 = tuple((h // 6, w // 6) for h, w in PINPOINTS_336)  # the same grids for a 56-pixel tower
 NEXT = TinySpec(grid_pinpoints=PINPOINTS_56, seed=10)  # seed: margins over the numeric error (test_parity)
-BOUNDS = {"f32": 1e-6, "f16": 1e-4, "q8_0": 1e-3}
 ODD_SIZES = [(672, 336), (800, 600), (1000, 300), (300, 300), (1, 4000), (4000, 1)]
 
 

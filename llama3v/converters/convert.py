@@ -8,7 +8,7 @@ from pathlib import Path
 from llama3v.converters.layouts import load_llava
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
-from llama3v.converters.quantize import parse_outtype
+from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
 
@@ -28,7 +28,7 @@ def convert(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
-    model_type, mmproj_type = parse_outtype(model_outtype), parse_outtype(mmproj_outtype)
+    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]

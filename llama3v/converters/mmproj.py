@@ -12,7 +12,7 @@ from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
 from llama3v.converters.config import VISION_ACTIVATIONS
 from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, storage_type
+from llama3v.converters.quantize import file_type, kept_precision, storage_type
 from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
 
@@ -80,7 +80,7 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
     cfg = ckpt.config
     v = cfg.vision
     use_gelu, use_silu = VISION_ACTIVATIONS[v.hidden_act]
-    kept = [p.name for p in plans if p.qtype != outtype and len(p.shape) > 1]
+    kept = kept_precision(plans, outtype)
 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(f"{ckpt.root.name} vision")

@@ -2,13 +2,12 @@
 
 Tensors are produced, encoded and written one by one, so converting an 8B model needs memory for
 its largest tensor, not for the model. The file is written under a hidden temporary name in the
-destination directory and renamed into place only after it reads back correctly: an interrupted
-or killed conversion leaves the destination as it was.
+destination directory (llama3v.atomic) and renamed into place only after it reads back correctly:
+an interrupted or killed conversion leaves the destination as it was.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
+from llama3v.atomic import atomic_output
 from llama3v.converters.quantize import encode
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
@@ -46,9 +46,7 @@ def write_gguf(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Write `tensors` and the metadata that `add_metadata` adds to `path`, atomically."""
-    _remove_stale_partials(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         add_metadata(writer)
         for t in tensors:
@@ -64,31 +62,7 @@ def write_gguf(
             if progress:
                 progress(f"[{i}/{len(tensors)}] {t.name} {t.qtype.name}")
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         _verify(tmp, tensors)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_partials(path: Path) -> None:
-    """Delete temporary files a killed conversion (kill -9, power loss) left beside `path`."""
-    for old in path.parent.glob(f".{path.name}.*.partial"):
-        pid = old.name[len(path.name) + 2:-len(".partial")]
-        if pid.isdigit() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _verify(path: Path, tensors: list[TensorPlan]) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from llama3v.atomic import atomic_output
 from llama3v.errors import Llama3vError
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import (
@@ -73,14 +73,7 @@ def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, 
     doc = {"n_rows": int(rows.shape[0]), "n_embd": int(rows.shape[1]), "parts": entries,
            "media": [{"index": i, "kind": k, "source": str(s), **describe(p)}
                      for i, ((k, s), p) in enumerate(zip(media, parts, strict=True))]}
-    meta = output.with_suffix(".json")
-    for path, write in ((output, lambda f: np.save(f, rows)),
-                        (meta, lambda f: f.write(json.dumps(doc, indent=1).encode()))):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with atomic_output(output) as tmp, open(tmp, "wb") as f:
+        np.save(f, rows)
+    with atomic_output(output.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))

@@ -15,9 +15,7 @@ from types import ModuleType
 
 from llama3v.errors import Llama3vError
 
-# Both libllama and libmtmd run OpenMP thread pools; spinning waiters stall the other library's
-# work on small machines (~385 ms per encode measured on 2 cores). Must be set before loading.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY=PASSIVE is set by llama3v/__init__.py, before any OpenMP library (torch's too) loads.
 
 _WARN, _ERROR, _CONT = 3, 4, 5  # ggml_log_level
 _state: dict = {}
