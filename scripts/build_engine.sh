@@ -12,12 +12,30 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${LLAMA3V_CACHE:-$HOME/.cache/llama3v}
 PYTHON=${PYTHON:-python3}
 
-# Portable CPU build: the default -march=native build dies with SIGILL on CPUs that
-# advertise AMX (DESIGN.md). Apple builds get Metal from llama-cpp-python's own CMakeLists.
-FLAGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+# The engine is built for this machine's CPU (-march=native: AVX-512, AMX where present; the SIGILL
+# that native builds hit on AMX CPUs is fixed by patch 0002). LLAMA3V_PORTABLE=1 builds for any
+# x86-64 with AVX2 instead. Apple builds get Metal from llama-cpp-python's own CMakeLists.
+FLAGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+if [ "${LLAMA3V_PORTABLE:-0}" = 1 ]; then
+    FLAGS="$FLAGS -DGGML_NATIVE=OFF"
+    cpu=portable
+else
+    FLAGS="$FLAGS -DGGML_NATIVE=ON"
+    # A native wheel only runs on CPUs with the same features: they are part of the cache key.
+    cpu=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || sysctl -n machdep.cpu.features 2>/dev/null || uname -m)
+fi
+# LLAMA3V_BLAS=mkl: Intel MKL (pip's mkl-devel, ~1 GB) as ggml's BLAS backend, which patch 0003
+# lets libmtmd use: F32 vision towers then run at PyTorch's speed (docs/benchmarks.md).
+if [ "${LLAMA3V_BLAS:-}" = mkl ]; then
+    "$PYTHON" -m pip install --quiet mkl-devel >&2
+    prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
+    FLAGS="$FLAGS -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=Generic -DBLAS_LIBRARIES=$prefix/lib/libmkl_rt.so.3"
+    FLAGS="$FLAGS -DBLAS_INCLUDE_DIRS=$prefix/include"
+fi
 FLAGS="$FLAGS ${LLAMA3V_CMAKE_ARGS:-}"
 
-key=$( { echo "$VERSION"; echo "$FLAGS"; uname -sm; cat "$ROOT"/patches/*.patch; } | sha256sum | cut -c1-16)
+key=$( { echo "$VERSION"; echo "$FLAGS" | sed 's|-DBLAS_[A-Z_]*=[^ ]*||g'; echo "$cpu"; uname -sm; cat "$ROOT"/patches/*.patch; } \
+    | sha256sum | cut -c1-16)
 wheel_dir="$CACHE/wheels/$VERSION-$key"
 if compgen -G "$wheel_dir/*.whl" >/dev/null; then
     ls "$wheel_dir"/*.whl

@@ -79,7 +79,7 @@ class LlavaReference:
         mean = torch.tensor(self.config.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         feats = self.projector(self.vision((x / 255.0 - mean) / std))
-        return feats.reshape(-1, self.n_embd).numpy()
+        return feats.reshape(-1, self.n_embd).float().numpy()
 
     @torch.no_grad()
     def encode_anyres(self, tiles: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:

@@ -8,9 +8,11 @@ rest is shown only with `verbose`.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from collections import deque
+from pathlib import Path
 from types import ModuleType
 
 from llama3v.errors import Llama3vError
@@ -39,9 +41,19 @@ def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         _recent[-1] += msg.rstrip("\n")
 
 
+def _preload_blas() -> None:
+    """An engine built with LLAMA3V_BLAS=mkl links pip's libmkl_rt, which lives in the environment's
+    lib directory, outside the library path: load it first so the engine's reference resolves."""
+    mkl = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec and spec.origin and (Path(spec.origin).parent / "lib" / "libggml-blas.so").exists() and mkl.exists():
+        ctypes.CDLL(str(mkl), mode=ctypes.RTLD_GLOBAL)
+
+
 def libs() -> tuple[ModuleType, ModuleType]:
     """Return (llama_cpp, mtmd_cpp), importing and initialising them on first use."""
     if "llama" not in _state:
+        _preload_blas()
         try:
             import llama_cpp
             import llama_cpp.mtmd_cpp as mtmd
