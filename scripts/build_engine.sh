@@ -30,7 +30,8 @@ if [ "${LLAMA3V_BLAS:-}" = mkl ]; then
     "$PYTHON" -m pip install --quiet mkl-devel >&2
     prefix=$("$PYTHON" -c 'import sys; print(sys.prefix)')
     FLAGS="$FLAGS -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=Generic -DBLAS_LIBRARIES=$prefix/lib/libmkl_rt.so.3"
-    FLAGS="$FLAGS -DBLAS_INCLUDE_DIRS=$prefix/include"
+    # ggml detects MKL by "mkl" in the include path, which a venv's include directory lacks.
+    FLAGS="$FLAGS -DBLAS_INCLUDE_DIRS=$prefix/include -DCMAKE_CXX_FLAGS=-DGGML_BLAS_USE_MKL"
 fi
 FLAGS="$FLAGS ${LLAMA3V_CMAKE_ARGS:-}"
 

@@ -46,7 +46,8 @@ def _preload_blas() -> None:
     lib directory, outside the library path: load it first so the engine's reference resolves."""
     mkl = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"
     spec = importlib.util.find_spec("llama_cpp")
-    if spec and spec.origin and (Path(spec.origin).parent / "lib" / "libggml-blas.so").exists() and mkl.exists():
+    lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH") or (spec and spec.origin and Path(spec.origin).parent / "lib")
+    if lib_dir and (Path(lib_dir) / "libggml-blas.so").exists() and mkl.exists():
         ctypes.CDLL(str(mkl), mode=ctypes.RTLD_GLOBAL)
 
 
