@@ -22,6 +22,10 @@ SPECS = {
     "siglip-q8able": TinySpec(vision="siglip", vision_hidden=64, vision_heads=2, vision_ff=128, image_size=64,
                               patch_size=8, feature_layer=-1, text_hidden=96, text_heads=8, text_kv_heads=4,
                               text_ff=224, seed=3),
+    # Like SigLIP-so400m-patch14-384, the image size is not a multiple of the patch: the remainder is dropped.
+    "siglip-remainder": TinySpec(vision="siglip", vision_hidden=64, vision_heads=2, vision_ff=128, image_size=60,
+                                 patch_size=8, feature_layer=-1, text_hidden=96, text_heads=8, text_kv_heads=4,
+                                 text_ff=224, seed=5),
 }
 
 

@@ -77,8 +77,9 @@ def check_mmproj(info: GGUFInfo) -> int:
     if not info.get(S.HAS_VISION_ENCODER):
         raise info.fail("the file has no vision encoder")
     image, patch = info.get(S.IMAGE_SIZE), info.get(S.PATCH_SIZE)
-    if not patch or not image or image % patch:
-        raise info.fail(f"image size {image} is not a multiple of patch size {patch}")
+    # The patch convolution drops a remainder (SigLIP-so400m-patch14-384: 27 x 27 patches), as in HF.
+    if not patch or not image or image < patch:
+        raise info.fail(f"image size {image} is smaller than patch size {patch}")
     for key in (S.IMAGE_MEAN, S.IMAGE_STD):
         value = info.get(key)
         if not isinstance(value, list) or len(value) != 3 or info.kv[key][1] is None:
