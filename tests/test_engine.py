@@ -1,0 +1,43 @@
+"""The engine build itself: CPU-specific code paths that only a real process can exercise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama3v.models.factory import TinySpec
+
+# Widths that are multiples of 32 put the q8_0 matrices in ggml's AMX buffers on AMX CPUs.
+Q8_TOWER = TinySpec(vision_hidden=64, vision_heads=4, vision_ff=160, vision_act="gelu", text_hidden=96,
+                    text_heads=6, text_kv_heads=2, text_ff=192, seed=2)
+
+SCRIPT = """
+import sys, numpy as np, torch
+from llama3v.runtime.encoder import VisionEncoder
+encoder = VisionEncoder(sys.argv[1], n_threads=2)
+tile = np.random.default_rng(0).integers(0, 256, (encoder.spec.size,) * 2 + (3,), dtype=np.uint8)
+first = encoder.encode(tile)
+x = torch.randn(64, 256)
+with torch.autocast("cpu", dtype=torch.bfloat16):  # oneDNN's AMX kernels release the tile configuration
+    (x @ x.T).sum()
+print(float(np.abs(encoder.encode(tile) - first).max()))
+"""
+
+
+def _has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and " amx_int8" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(not _has_amx(), reason="this CPU has no AMX: ggml's AMX path is not built")
+def test_amx_matmul_survives_pytorch_bf16_on_the_same_thread(tiny):
+    """Patch 0004: a PyTorch bf16 matmul between two AMX encodes used to leave ggml's tiles unconfigured (SIGILL)."""
+    mmproj = tiny(Q8_TOWER, "hf-5", "q8_0").mmproj
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(mmproj)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert float(r.stdout.strip().splitlines()[-1]) == 0.0, "the same tile encodes to the same rows"
