@@ -16,6 +16,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check llama3v tests bench
 
+bench: setup
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 

@@ -1,0 +1,382 @@
+"""`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
+
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video] [--threads 1,2]
+
+Models (random weights, real shapes; built once and cached under the llama3v cache):
+  vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
+  siglip    SigLIP-so400m-384 tower + mlp2x projector to 2048
+  llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
+            the decoder in f16 and q4_k_m
+Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
+interleaved runs (A B A B ... after a warm-up): medians with min and max (DESIGN.md, benchmarks).
+Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+from llama3v.paths import cache_dir  # noqa: E402
+
+VITL = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336, patch_size=14)
+SIGLIP = dict(vision="siglip", vision_hidden=1152, vision_heads=16, vision_layers=27, vision_ff=4304, image_size=384,
+              patch_size=14, feature_layer=-1)
+LLAMA_1B = dict(text_hidden=2048, text_heads=32, text_kv_heads=8, text_layers=16, text_ff=8192, rope_theta=500000.0,
+                rope_scaling={"factor": 32.0, "original_max_position_embeddings": 8192}, vocab="llama3", tied=True)
+SMALL_TEXT = dict(text_heads=32, text_kv_heads=8, text_layers=1, text_ff=256)
+QUESTION = ("Look at the picture carefully and tell me, in a few words, which objects you can see, "
+            "what colours they have, and where they are placed.")  # about 32 tokens with the image marker
+
+
+def build(name: str) -> Path:
+    """The cached GGUF directory of a bench model (built on first use)."""
+    from llama3v.converters.convert import convert
+    from llama3v.models.factory import TinySpec, make_checkpoint
+
+    root = cache_dir() / "bench" / name
+    out = root / "gguf"
+    marker = out / "complete"
+    if marker.exists():
+        return out
+    spec = {"vitl336": TinySpec(**VITL, text_hidden=4096, **SMALL_TEXT),
+            "siglip": TinySpec(**SIGLIP, text_hidden=2048, **SMALL_TEXT),
+            "llava-1b": TinySpec(**VITL, **LLAMA_1B, weight_scale=0.5)}[name]
+    print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
+    make_checkpoint(root / "ckpt", spec, "hf-5", dtype="f16" if name == "llava-1b" else "f32")
+    convert(root / "ckpt", out, "f16" if name == "llava-1b" else "f32", "f32" if name != "llava-1b" else "f16",
+            force=True)
+    if name == "llava-1b":
+        from llama3v.runtime.llm_quantize import quantize_llm
+
+        quantize_llm(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m", force=True)
+    marker.write_text("ok")
+    return out
+
+
+def mmproj(out: Path, mtype: str) -> Path:
+    """The bench model's mmproj in `mtype`, requantized from its f32 or f16 one on first use."""
+    from llama3v.converters.requantize import requantize_mmproj
+
+    path = out / f"mmproj-{mtype}.gguf"
+    if not path.exists():
+        src = out / "mmproj-f32.gguf"
+        requantize_mmproj(src if src.exists() else out / "mmproj-f16.gguf", path, mtype)
+    return path
+
+
+def paired(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved round by round after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(xs: list[float], scale: float = 1e3) -> dict:
+    """Median, min and max, scaled (ms by default)."""
+    return {"median": statistics.median(xs) * scale, "min": min(xs) * scale, "max": max(xs) * scale, "n": len(xs)}
+
+
+def ratio(a: list[float], b: list[float]) -> dict:
+    """Median, min and max of the per-round ratios a/b."""
+    rs = [x / y for x, y in zip(a, b, strict=True)]
+    return {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+
+
+def _image() -> Path:
+    photo = ROOT.parent / "shared" / "testdata" / "photo.jpeg"
+    if photo.is_file():
+        return photo
+    from llama3v.evaluation.scenes import scene
+
+    path = cache_dir() / "bench" / "scene.png"
+    scene(0, 640, 488).save(path)
+    return path
+
+
+# --- sections (each runs in its own process) -------------------------------------------------------
+
+# k-quants leave SigLIP-so400m's blocks in f16 (1152 is not a multiple of 256): no point timing them there.
+ENCODE_TYPES = {("vitl336", 2): ("f32", "f16", "bf16", "q8_0", "q4_k"), ("siglip", 2): ("f32", "f16", "q8_0"),
+                ("vitl336", 1): ("f32", "q8_0")}
+
+
+def section_encode(threads: int, rounds: int, model: str) -> dict:
+    """Image encode of one tile: llama3v (file to rows) and bare libmtmd (a prepared chunk) for each mmproj
+    type, and the PyTorch reference in fp32 and bf16, all in the same interleaved rounds."""
+    import ctypes
+
+    import torch
+
+    from llama3v.models.llava import LlavaReference
+    from llama3v.runtime.encoder import VisionEncoder
+    from llama3v.runtime.image_processing import load_image, prepare_tile
+    from llama3v.runtime.media import EncodeCache, image_parts
+
+    torch.set_num_threads(threads)
+    out = build(model)
+    reference = LlavaReference.from_checkpoint(out.parent / "ckpt")
+    image = _image()
+    fns: dict[str, Callable[[], object]] = {}
+    for mtype in ENCODE_TYPES[model, threads]:
+        encoder = VisionEncoder(mmproj(out, mtype), n_threads=threads)
+        tile = prepare_tile(load_image(image), encoder.spec)
+        m = encoder._mtmd
+        # The bare-libmtmd side: a bitmap tokenized once, then only mtmd_encode_chunk per call.
+        bitmap = m.mtmd_bitmap_init(tile.shape[1], tile.shape[0], tile.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+        chunks = m.mtmd_input_chunks_init()
+        part = m.mtmd_input_part(text=None, bitmap=bitmap)
+        m.mtmd_tokenize_from_parts(encoder._ctx, chunks,
+                                   (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part)), 1, False)
+        chunk = m.mtmd_input_chunks_get(chunks, 0)
+        fns[f"llama3v {mtype}"] = lambda e=encoder: image_parts(image, 0, e, EncodeCache())[0].data()
+        fns[f"libmtmd {mtype}"] = lambda m=m, e=encoder, c=chunk: m.mtmd_encode_chunk(e._ctx, c)
+
+    def bf16() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference.encode_tiles(tile[None])
+    fns["torch fp32"] = lambda: reference.encode_tiles(tile[None])
+    fns["torch bf16"] = bf16
+    times = paired(fns, rounds)
+    res = {k: summary(v) for k, v in times.items()}
+    for mtype in ENCODE_TYPES[model, threads]:
+        ours = times[f"llama3v {mtype}"]
+        res[f"llama3v {mtype} / libmtmd {mtype}"] = ratio(ours, times[f"libmtmd {mtype}"])
+        res[f"llama3v {mtype} / torch fp32"] = ratio(ours, times["torch fp32"])
+        res[f"llama3v {mtype} / torch bf16"] = ratio(ours, times["torch bf16"])
+    return res
+
+
+def section_ttft(threads: int, rounds: int, model_type: str) -> dict:
+    """Time to first token for an image + question, and for a follow-up about the same image:
+    llama3v vs llama-cpp-python's own multimodal chat handler on the same files."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from llama3v.runtime.session import Session
+
+    out = build("llava-1b")
+    model, projector = out / f"model-{model_type}.gguf", mmproj(out, "q8_0")
+    uri = "data:image/jpeg;base64," + base64.b64encode(_image().read_bytes()).decode()
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                          {"type": "text", "text": QUESTION}]}]
+    follow = first + [{"role": "assistant", "content": "A few shapes."},
+                      {"role": "user", "content": "And which one is the largest?"}]
+    session = Session(model, projector, n_ctx=2048, n_threads=threads)
+    from llama3v.runtime.openai_api import MediaPolicy, session_messages
+
+    ours_first, ours_follow = (session_messages(m, MediaPolicy(), []) for m in (first, follow))
+    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                chat_handler=MTMDChatHandler(str(projector), verbose=False))
+
+    def llama3v_cold() -> None:
+        session.reset()
+        session.cache.__init__(session.cache.max_bytes)
+        session.chat(ours_first, max_tokens=1, temperature=0).wait()
+
+    def llama3v_follow() -> None:
+        session.chat(ours_follow, max_tokens=1, temperature=0).wait()
+
+    def handler(messages: list) -> Callable[[], None]:
+        return lambda: llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0)
+
+    # The follow-up needs the first turn in the cache: time it right after a first turn.
+    times = paired({"llama3v first": llama3v_cold, "llama3v follow-up": llama3v_follow,
+                    "handler first": handler(first), "handler follow-up": handler(follow)}, rounds)
+    res = {k: summary(v) for k, v in times.items()}
+    res["first: llama3v / handler"] = ratio(times["llama3v first"], times["handler first"])
+    res["follow-up: handler / llama3v"] = ratio(times["handler follow-up"], times["llama3v follow-up"])
+    return res
+
+
+def section_decode(threads: int, rounds: int, model_type: str) -> dict:
+    """Decode tokens/s after a short prompt: llama3v vs bare llama-cpp-python, end of turn banned."""
+    from llama_cpp import Llama
+
+    from llama3v.runtime.session import Session
+
+    out = build("llava-1b")
+    model = out / f"model-{model_type}.gguf"
+    n = 64
+    session = Session(model, None, n_ctx=1024, n_threads=threads)
+    ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
+    llm = Llama(model_path=str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt_ids = llm.tokenize(b"Once upon a time", add_bos=True)
+
+    def ours() -> float:
+        session.reset()
+        return session.generate("Once upon a time", max_tokens=n, temperature=0, logit_bias=ban).wait() \
+            .timings["decode_tokens_per_s"]
+
+    def bare() -> float:
+        llm.reset()
+        it = llm.generate(prompt_ids, temp=0, logits_processor=None)
+        next(it)  # the prompt and the first token
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            next(it)
+        return (n - 1) / (time.perf_counter() - t0)
+
+    ours(), bare()
+    rates: dict[str, list[float]] = {"llama3v": [], "llama-cpp-python": []}
+    for _ in range(rounds):
+        rates["llama3v"].append(ours())
+        rates["llama-cpp-python"].append(bare())
+    res = {k: summary(v, 1.0) for k, v in rates.items()}
+    res["llama3v / llama-cpp-python"] = ratio(rates["llama3v"], rates["llama-cpp-python"])
+    return res
+
+
+def section_video(threads: int, rounds: int) -> dict:
+    """Video end to end (decode, sample, budget, encode) on the H.264 test clip or a made one."""
+    from llama3v.runtime.encoder import VisionEncoder
+    from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
+    from llama3v.runtime.video import Sampling, VideoReader
+
+    clip = ROOT.parent / "shared" / "testdata" / "clip.mp4"
+    if not clip.is_file():
+        sys.path.insert(0, str(ROOT / "bench"))
+        from video import make_clip
+
+        (cache_dir() / "bench" / "video").mkdir(parents=True, exist_ok=True)
+        clip = make_clip(cache_dir() / "bench" / "video" / "480p-4s.mp4", (854, 480), 4)
+    encoder = VisionEncoder(mmproj(build("vitl336"), "q8_0"), n_threads=threads)
+    frames, budget = 4, 1024
+    times, rows_after, duration = [], 0, 0.0
+    for _ in range(rounds):
+        cache = EncodeCache()
+        t0 = time.perf_counter()
+        video = sample_video(clip, 0, encoder, Sampling(frames=frames))
+        parts = video_parts(video, encoder, cache, None)
+        rows_before = sum(p.data().shape[0] for p in parts if isinstance(p, Rows))
+        times.append(time.perf_counter() - t0)
+        # The budgeted layout reuses the cached frame encodes: only the budget's pooling is extra.
+        rows_after = sum(p.data().shape[0] for p in video_parts(video, encoder, cache, budget) if isinstance(p, Rows))
+    with VideoReader(clip) as r:
+        duration = r.info.duration
+    median = statistics.median(times)
+    return {f"{frames} frames of a {duration:.1f} s clip": {
+        **summary(times), "frames_per_s": frames / median, "rows": rows_before,
+        f"rows within a {budget}-token budget": rows_after}}
+
+
+# What each section measures at 2 threads and at 1 (1 thread: the encode and decode scaling only, so that the
+# suite stays under 15 minutes here).
+PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("f16", "q4_k_m"), ("decode", 2): ("f16", "q4_k_m"),
+        ("video", 2): ("",), ("encode", 1): ("vitl336",), ("ttft", 1): (), ("decode", 1): ("q4_k_m",),
+        ("video", 1): ()}
+SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video}
+
+
+def environment() -> dict:
+    """CPU flags, threads available, and the engine's build features."""
+    import llama_cpp
+
+    from llama3v.runtime import engine
+
+    engine.libs()
+    flags = []
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
+                break
+    return {"cpu": platform.processor() or platform.machine(), "flags": flags, "cpus": os.cpu_count(),
+            "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+            "engine": os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")}
+
+
+def run_section(name: str, threads: int, rounds: int, extra: str) -> dict:
+    """Run one section in a child process; returns its results with its peak RSS."""
+    cmd = [sys.executable, __file__, "--child", name, "--threads", str(threads), "--rounds", str(rounds),
+           "--extra", extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"section {name} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def child(name: str, threads: int, rounds: int, extra: str) -> None:
+    """The child process: run the section, print one JSON line."""
+    from llama3v.runtime import engine
+
+    engine.libs()
+    args = (threads, rounds) + ((extra,) if name in ("encode", "ttft", "decode") else ())
+    results = SECTIONS[name](*args)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(results))
+
+
+def _print(res: dict, path: str = "") -> None:
+    """One line per measurement: median (min, max) and any extra figures."""
+    for name, value in res.items():
+        if "median" in value:
+            extra = "".join(f", {k} {v:.4g}" for k, v in value.items() if k not in ("median", "min", "max", "n"))
+            print(f"- {path}{name}: median {value['median']:.4g} (min {value['min']:.4g}, max {value['max']:.4g})"
+                  + extra)
+        else:
+            _print(value, f"{path}{name}: ")
+
+
+def main() -> None:
+    """Run the suite, print the tables, append the results."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="encode,ttft,decode,video")
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--extra", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, int(args.threads), args.rounds, args.extra)
+        return
+    if args.quick:
+        args.rounds, args.threads = 2, "2"
+    env = environment()
+    started = time.perf_counter()
+    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "env": env, "results": {}}
+    print(f"# llama3v benchmarks\n\n{env['cpu']}, {env['cpus']} CPUs; flags: {' '.join(env['flags'])}\n"
+          f"engine: {env['llama_cpp_system_info']}\n")
+    plan = [(s, t, extra) for t in (int(x) for x in args.threads.split(",")) for s in args.sections.split(",")
+            for extra in PLAN[s, t]]
+    for name, t, extra in plan:
+        res = run_section(name, t, args.rounds, extra)
+        key = f"{name} {extra} {t}t".replace("  ", " ")
+        record["results"][key] = res
+        print(f"## {key} (peak RSS {res.pop('peak_rss_mb'):.0f} MB)\n")
+        _print(res)
+        print(flush=True)
+    record["wall_s"] = time.perf_counter() - started
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    with open(results / f"{datetime.now(UTC):%Y-%m-%d}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"suite took {record['wall_s'] / 60:.1f} min; results appended to bench/results/")
+
+
+if __name__ == "__main__":
+    main()
