@@ -120,8 +120,8 @@ def _image() -> Path:
 # --- sections (each runs in its own process) -------------------------------------------------------
 
 # k-quants leave SigLIP-so400m's blocks in f16 (1152 is not a multiple of 256): no point timing them there.
-ENCODE_TYPES = {("vitl336", 2): ("f32", "f16", "bf16", "q8_0", "q4_k"), ("siglip", 2): ("f32", "f16", "q8_0"),
-                ("vitl336", 1): ("f32", "q8_0")}
+ENCODE_TYPES = {("vitl336", 2): ("f32", "f16", "bf16", "q8_0", "q4_k"), ("siglip", 2): ("f32", "q8_0"),
+                ("vitl336", 1): ("q8_0",)}
 
 
 def section_encode(threads: int, rounds: int, model: str) -> dict:
@@ -333,6 +333,8 @@ def child(name: str, threads: int, rounds: int, extra: str) -> None:
 def _print(res: dict, path: str = "") -> None:
     """One line per measurement: median (min, max) and any extra figures."""
     for name, value in res.items():
+        if not isinstance(value, dict):
+            continue
         if "median" in value:
             extra = "".join(f", {k} {v:.4g}" for k, v in value.items() if k not in ("median", "min", "max", "n"))
             print(f"- {path}{name}: median {value['median']:.4g} (min {value['min']:.4g}, max {value['max']:.4g})"
@@ -364,10 +366,12 @@ def main() -> None:
     plan = [(s, t, extra) for t in (int(x) for x in args.threads.split(",")) for s in args.sections.split(",")
             for extra in PLAN[s, t]]
     for name, t, extra in plan:
+        t0 = time.perf_counter()
         res = run_section(name, t, args.rounds, extra)
+        res["wall_s"] = time.perf_counter() - t0
         key = f"{name} {extra} {t}t".replace("  ", " ")
         record["results"][key] = res
-        print(f"## {key} (peak RSS {res.pop('peak_rss_mb'):.0f} MB)\n")
+        print(f"## {key} (peak RSS {res['peak_rss_mb']:.0f} MB, {res['wall_s']:.0f} s)\n")
         _print(res)
         print(flush=True)
     record["wall_s"] = time.perf_counter() - started
