@@ -52,7 +52,36 @@ def bad_files(tmp_path_factory, built, tiny) -> dict[str, Path]:
     files["wrong key type"] = d / "wrong-type.gguf"
     files["wrong key type"].write_bytes(bytes(data))
     files["model as mmproj"] = built.model
+    # Same-length byte edits that the fuzz run found crashing libmtmd / aborting libllama before the checks:
+    for name, src, find, repl in (
+            ("renamed vision tensor", built.mmproj, b"v.blk.0.attn_q.weight", b"v.blk*0.attn_q.weight"),
+            ("misshapen vision tensor", built.mmproj, *_swapped_dims(built.mmproj, b"v.blk.1.ffn_up.weight")),
+            ("NUL in a token", built.model, _token_bytes(built.model), None)):
+        data = src.read_bytes()
+        at = data.index(find)
+        repl = repl or find[:9] + b"\0" + find[10:]  # after the 8-byte length prefix and one text byte
+        files[name] = d / f"{name.replace(' ', '-')}.gguf"
+        files[name].write_bytes(data[:at] + repl + data[at + len(find):])
     return files
+
+
+def _swapped_dims(path: Path, name: bytes) -> tuple[bytes, bytes]:
+    """A matrix's tensor-table entry (name, n_dims, two u64 dims) and the same with its dims swapped."""
+    data = path.read_bytes()
+    at = data.index(name) + len(name)
+    entry = data[at - len(name):at + 4 + 16]
+    assert int.from_bytes(entry[len(name):len(name) + 4], "little") == 2
+    return entry, entry[:len(name) + 4] + entry[len(name) + 12:] + entry[len(name) + 4:len(name) + 12]
+
+
+def _token_bytes(model: Path) -> bytes:
+    """An ASCII vocabulary entry (its length prefix and text) long enough to put a NUL inside."""
+    from llama3v.gguf_header import read_gguf
+
+    tokens = read_gguf(model, ("tokenizer.ggml.tokens",)).get("tokenizer.ggml.tokens")
+    token = next(t for t in tokens if len(t) >= 4 and t.isascii())
+    raw = token.encode()
+    return len(raw).to_bytes(8, "little") + raw
 
 
 @pytest.mark.parametrize("name,match", [("truncated image", "not a readable image"),
@@ -86,6 +115,19 @@ def test_mmproj_of_another_width(built, bad_files):
 def test_wrong_key_type_is_caught_before_libmtmd(bad_files):
     with pytest.raises(Llama3vError, match="clip.vision.image_size has type INT32, libmtmd requires UINT32"):
         VisionEncoder(bad_files["wrong key type"])
+
+
+@pytest.mark.parametrize("name,match", [("renamed vision tensor", "tensor v.blk.0.attn_q.weight is missing"),
+                                        ("misshapen vision tensor",
+                                         r"tensor v.blk.1.ffn_up.weight has shape \[\d+, \d+\], the file's keys")])
+def test_incomplete_vision_tower_is_caught_before_libmtmd(bad_files, name, match):
+    with pytest.raises(Llama3vError, match=match):
+        VisionEncoder(bad_files[name])
+
+
+def test_nul_in_a_vocabulary_token_is_caught_before_libllama(built, bad_files):
+    with pytest.raises(Llama3vError, match="token contains a NUL byte"):
+        Session(bad_files["NUL in a token"], built.mmproj)
 
 
 def test_model_given_as_mmproj(built, bad_files):

@@ -49,6 +49,9 @@ def _check_vocab(info: GGUFInfo, n_rows: int) -> None:
     tokens, types = (info.get(k) for k in VOCAB_ARRAYS)
     if not isinstance(tokens, list) or not tokens or info.kv.get(S.MERGES, (None,))[0] != V.ARRAY:
         raise info.fail("the vocabulary (tokenizer.ggml.tokens / merges) is missing or not read")
+    # llama.cpp reads tokens as C strings: one with a NUL byte is cut there and may collide with another.
+    if any("\0" in t for t in tokens):
+        raise info.fail("a vocabulary token contains a NUL byte")
     if len(set(tokens)) != len(tokens):
         raise info.fail("the vocabulary has duplicate tokens")
     if len(tokens) != n_rows:
@@ -87,11 +90,31 @@ def check_mmproj(info: GGUFInfo) -> int:
     layers = info.get(S.FEATURE_LAYER) or []
     if any(not 0 < k <= info.get(S.BLOCK_COUNT) for k in layers):
         raise info.fail(f"feature layer {layers} is outside the {info.get(S.BLOCK_COUNT)} blocks")
-    out = info.tensors.get(S.PROJ_LAYER.format(idx=2, kind="weight")) or \
-        info.tensors.get(S.PROJ_LAYER.format(idx=0, kind="weight"))
-    if out is None:
-        raise info.fail("projector tensors (mm.0/mm.2) missing")
-    return out.rows
+    _check_vision_tensors(info)
+    return info.tensors[S.PROJ_LAYER.format(idx=2, kind="weight")].rows
+
+
+def _check_vision_tensors(info: GGUFInfo) -> None:
+    """Every matrix libmtmd's LLaVA graph multiplies is present with the shape the keys imply: clip.cpp
+    loads them as optional and a missing or misshapen one crashes or aborts the process."""
+    d, ff, patch = (int(info.get(k)) for k in (S.EMBEDDING_LENGTH, S.FEED_FORWARD_LENGTH, S.PATCH_SIZE))
+    n_pos = (int(info.get(S.IMAGE_SIZE)) // patch) ** 2 + (S.CLASS_EMBD in info.tensors)
+    hidden = info.tensors.get(S.PROJ_LAYER.format(idx=0, kind="weight"))
+    width = hidden.rows if hidden is not None and len(hidden.dims) == 2 else -1
+    required = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos),
+                S.PROJ_LAYER.format(idx=0, kind="weight"): (d, width)}
+    for bid in range(int(info.get(S.BLOCK_COUNT))):
+        for part, shape in (("attn_q", (d, d)), ("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_out", (d, d)),
+                            ("ffn_up", (d, ff)), ("ffn_down", (ff, d))):
+            required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = shape
+    out = info.tensors.get(S.PROJ_LAYER.format(idx=2, kind="weight"))
+    required[S.PROJ_LAYER.format(idx=2, kind="weight")] = (width, out.rows if out is not None else -1)
+    for name, shape in required.items():
+        t = info.tensors.get(name)
+        if t is None:
+            raise info.fail(f"tensor {name} is missing")
+        if tuple(t.dims) != shape or min(shape) <= 0:
+            raise info.fail(f"tensor {name} has shape {list(t.dims)}, the file's keys imply {list(shape)}")
 
 
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
