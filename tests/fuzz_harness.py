@@ -5,7 +5,7 @@ or a hang is a finding. A worker process runs cases one after another (starting 
 llama.cpp per case would make a 1000-case run take an hour); when it dies or hangs, the case is
 recorded, the input saved under the findings directory and a fresh worker started.
 
-    .venv/bin/python tests/fuzz_harness.py --cases 1000 [--kinds gguf-model,gguf-mmproj,image,video]
+    .venv/bin/python tests/fuzz_harness.py --cases 5000 [--kinds gguf-model,gguf-mmproj,image,video]
 
 `tests/test_fuzz.py` runs a short version in `make test`; `make fuzz` the long one.
 """
@@ -286,7 +286,7 @@ def main() -> None:
     """Command-line entry: run the fuzz suite and print counts and findings."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cases", type=int, default=1000, help="cases per kind (1000)")
+    ap.add_argument("--cases", type=int, default=5000, help="cases per kind (5000)")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
     ap.add_argument("--cli-every", type=int, default=50, help="also run every Nth case through the CLI (50)")
