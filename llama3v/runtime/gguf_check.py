@@ -90,31 +90,34 @@ def check_mmproj(info: GGUFInfo) -> int:
     layers = info.get(S.FEATURE_LAYER) or []
     if any(not 0 < k <= info.get(S.BLOCK_COUNT) for k in layers):
         raise info.fail(f"feature layer {layers} is outside the {info.get(S.BLOCK_COUNT)} blocks")
-    _check_vision_tensors(info)
-    return info.tensors[S.PROJ_LAYER.format(idx=2, kind="weight")].rows
+    return _check_vision_tensors(info)
 
 
-def _check_vision_tensors(info: GGUFInfo) -> None:
-    """Every matrix libmtmd's LLaVA graph multiplies is present with the shape the keys imply: clip.cpp
-    loads them as optional and a missing or misshapen one crashes or aborts the process."""
+def _check_vision_tensors(info: GGUFInfo) -> int:
+    """Every matrix libmtmd's LLaVA graph multiplies is present with the shape the keys imply (clip.cpp loads
+    them as optional, and a missing or misshapen one crashes or aborts the process); returns the output width."""
     d, ff, patch = (int(info.get(k)) for k in (S.EMBEDDING_LENGTH, S.FEED_FORWARD_LENGTH, S.PATCH_SIZE))
     n_pos = (int(info.get(S.IMAGE_SIZE)) // patch) ** 2 + (S.CLASS_EMBD in info.tensors)
-    hidden = info.tensors.get(S.PROJ_LAYER.format(idx=0, kind="weight"))
-    width = hidden.rows if hidden is not None and len(hidden.dims) == 2 else -1
-    required = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos),
-                S.PROJ_LAYER.format(idx=0, kind="weight"): (d, width)}
+    mm0, mm2 = (S.PROJ_LAYER.format(idx=i, kind="weight") for i in (0, 2))
+    width = info.tensors[mm0].rows if mm0 in info.tensors else -1
+    required = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos), mm0: (d, width)}
+    if mm2 in info.tensors:  # absent: a linear projector, which libmtmd's "mlp" graph also runs
+        required[mm2] = (width, info.tensors[mm2].rows)
     for bid in range(int(info.get(S.BLOCK_COUNT))):
-        for part, shape in (("attn_q", (d, d)), ("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_out", (d, d)),
-                            ("ffn_up", (d, ff)), ("ffn_down", (ff, d))):
-            required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = shape
-    out = info.tensors.get(S.PROJ_LAYER.format(idx=2, kind="weight"))
-    required[S.PROJ_LAYER.format(idx=2, kind="weight")] = (width, out.rows if out is not None else -1)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = (d, d)
+        # Files from llama.cpp's older converter name the two FFN layers the other way round; clip.cpp swaps
+        # them back by shape, so either orientation is fine.
+        up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in ("ffn_up", "ffn_down"))
+        swapped = down in info.tensors and tuple(info.tensors[down].dims) == (d, ff)
+        required[up], required[down] = ((ff, d), (d, ff)) if swapped else ((d, ff), (ff, d))
     for name, shape in required.items():
         t = info.tensors.get(name)
         if t is None:
             raise info.fail(f"tensor {name} is missing")
         if tuple(t.dims) != shape or min(shape) <= 0:
             raise info.fail(f"tensor {name} has shape {list(t.dims)}, the file's keys imply {list(shape)}")
+    return info.tensors[mm2 if mm2 in info.tensors else mm0].rows
 
 
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
