@@ -182,10 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--outdir", type=Path, required=True, help="output and cache directory")
     _add_runtime(p)
 
-    p = sub.add_parser("demo", parents=[common], help="build a small random model and run it end to end",
-                       description="Build a small deterministic random-weight LLaVA-Llama-3 model, convert it, "
-                       "answer a question about an image through llama.cpp and compare with the PyTorch "
-                       "reference. The weights are random: the answer is noise, the agreement is the point.")
+    p = sub.add_parser("demo", parents=[common], help="run the embedded tiny model (or the parity demo) end to end",
+                       description="Assemble the embedded tiny model (a vision tower trained by this project on "
+                       "drawn scenes + SmolLM2-135M-Instruct, which is not Llama-3), convert it, and ask it about a "
+                       "drawn scene and the test photo through llama.cpp. With --parity: build a small random-weight "
+                       "LLaVA-Llama-3 instead and show how closely llama.cpp follows the PyTorch reference.")
+    p.add_argument("--parity", action="store_true",
+                   help="the random-weight LLaVA-Llama-3 demo: noise answers, llama.cpp vs reference agreement")
     p.add_argument("--workdir", type=Path, default=None, help="where to build (default: the llama3v cache)")
     return parser
 
@@ -320,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from llama3v.evaluation.demo import run_demo
 
-    return run_demo(args.workdir, quiet=args.quiet)
+    return run_demo(args.workdir, quiet=args.quiet, parity=args.parity)
 
 
 def _quantize(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def test_embed_writes_rows_and_layout(built, picture, scenes_dir, tmp_path):
     ("embed", ["--mmproj", "--image", "--video", "--max-tiles", "--max-video-tokens"]),
     ("run", ["--model", "--mmproj", "--image", "--video", "-p", "-n", "--temp", "--top-k", "--top-p", "--seed",
              "--max-tiles", "--max-video-tokens", "--n-ctx", "--threads", "--json", "--system"]),
-    ("demo", []),
+    ("demo", ["--parity"]),
 ])
 def test_help_documents_the_contract(command, options):
     r = _cli(command, "--help")

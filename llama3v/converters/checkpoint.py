@@ -181,3 +181,8 @@ def _load_bin(path: Path) -> dict:
     if not isinstance(state, dict):
         raise Llama3vError(f"{path}: expected a state dict of tensors")
     return state
+
+
+def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one (small) safetensors file, as float32 arrays."""
+    return {name: _read_safetensors(e) for name, e in _read_safetensors_header(Path(path)).items()}

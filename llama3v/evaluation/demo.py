@@ -40,8 +40,17 @@ def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
     return ckpt, model, mmproj
 
 
-def run_demo(workdir: Path | None = None, quiet: bool = False) -> int:
-    """Run the demo end to end; prints the answer, timings and agreement with the reference."""
+def run_demo(workdir: Path | None = None, quiet: bool = False, parity: bool = False) -> int:
+    """The embedded tiny model's demo when its weights are shipped, else (or with `parity`) the parity demo."""
+    from llama3v.evaluation.tiny_demo import run_tiny_demo, shipped_weights_present
+
+    if not parity and shipped_weights_present():
+        return run_tiny_demo(Path(workdir or cache_dir() / "tiny-demo"), PHOTO, quiet)
+    return run_parity_demo(workdir, quiet)
+
+
+def run_parity_demo(workdir: Path | None = None, quiet: bool = False) -> int:
+    """The random-weight demo: prints the answer, timings and agreement with the reference."""
     workdir = Path(workdir or cache_dir() / "demo")
     workdir.mkdir(parents=True, exist_ok=True)
 

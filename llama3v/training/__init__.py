@@ -1,0 +1,1 @@
+"""Training the embedded tiny model: drawn scenes, their questions, and the recipe (needs torch)."""
