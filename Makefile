@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench fuzz clean
+.PHONY: setup demo test lint bench eval fuzz clean
 
 setup:
 	scripts/setup.sh
@@ -18,6 +18,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+eval: setup
+	$(BIN)/python bench/tiny_accuracy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

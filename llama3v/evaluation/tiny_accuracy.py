@@ -120,3 +120,20 @@ def run(model: Path, mmproj: Path, checkpoint: Path | None, seeds: range, per_sc
         reference = LlavaReference.from_checkpoint(checkpoint)
     with Session(model, mmproj, n_ctx=512, n_threads=n_threads, kv_type="f32", flash_attn=False) as session:
         return evaluate(session, heldout_questions(seeds, per_scene), reference)
+
+
+def oracle_caption_accuracy(model: Path, seeds: range, max_tokens: int = 48) -> Accuracy:
+    """Accuracy of the LM alone when the image rows are exactly the caption's token embeddings (a
+    perfect tower): the same held-out questions, the prompt given to llama.cpp as token ids."""
+    import llama_cpp
+
+    from llama3v.training.train_lm import Prompts
+
+    prompts = Prompts(model)
+    lm = llama_cpp.Llama(model_path=str(model), n_ctx=512, verbose=False)
+    acc = Accuracy()
+    for seed, q in heldout_questions(seeds):
+        ids = prompts.prompt_ids(make_example(seed)[0], q)
+        out = lm.create_completion(prompt=ids, max_tokens=max_tokens, temperature=0.0)
+        acc.add(q, out["choices"][0]["text"])
+    return acc

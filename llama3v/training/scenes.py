@@ -60,8 +60,22 @@ def draw_scene(rng: np.random.Generator) -> Scene:
     return Scene(tuple(shapes), word, word_slot)
 
 
-def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Draw `scene` with random style; returns an RGB image as decoded from its PNG or JPEG file."""
+@dataclass(frozen=True)
+class Box:
+    """Where an object landed in the final picture (pixels): its centre and half-size."""
+
+    index: int  # into scene.shapes, or -1 for the word
+    cx: float
+    cy: float
+    half_w: float
+    half_h: float
+
+
+def render(scene: Scene, rng: np.random.Generator, boxes: list[Box] | None = None) -> Image.Image:
+    """Draw `scene` with random style; returns an RGB image as decoded from its PNG or JPEG file.
+
+    When `boxes` is a list, each object's `Box` is appended to it (for per-patch training labels).
+    """
     short = int(rng.integers(96, 321))
     aspect = float(rng.uniform(0.75, 1.33))
     w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
@@ -70,9 +84,11 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     outline = _outline_style(rng)
     unit = min(w, h) * ss
-    for obj in scene.shapes:
+    for i, obj in enumerate(scene.shapes):
         cx, cy = _place(rng, obj.slot, w * ss, h * ss, unit)
         d = SIZES[obj.size] * unit * float(rng.uniform(0.9, 1.1))
+        if boxes is not None:
+            boxes.append(Box(i, cx / ss, cy / ss, d / 2 / ss, d / 2 / ss))
         color = _jitter(rng, COLORS[obj.color])
         _shape(draw, obj.shape, cx, cy, d / 2, color, outline, ss, float(rng.uniform(-0.25, 0.25)))
     if scene.word:
@@ -80,17 +96,22 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
         size = int(unit * rng.uniform(0.13, 0.17))
         font = ImageFont.load_default(size=max(size, 8))
         ink = (20, 20, 20) if _luma(canvas.getpixel((int(cx), int(cy)))) > 110 else (240, 240, 240)
-        draw.text((cx, cy), scene.word.upper(), fill=ink, font=font, anchor="mm",
-                  stroke_width=int(rng.integers(0, 2)) * ss, stroke_fill=ink)
+        stroke = int(rng.integers(0, 2)) * ss
+        draw.text((cx, cy), scene.word.upper(), fill=ink, font=font, anchor="mm", stroke_width=stroke, stroke_fill=ink)
+        if boxes is not None:
+            left, top, right, bottom = draw.textbbox((cx, cy), scene.word.upper(), font=font, anchor="mm",
+                                                     stroke_width=stroke)
+            boxes.append(Box(-1, (left + right) / 2 / ss, (top + bottom) / 2 / ss, (right - left) / 2 / ss,
+                             (bottom - top) / 2 / ss))
     image = canvas.resize((w, h), Image.Resampling.LANCZOS) if ss > 1 else canvas
     return _encode_decode(rng, image)
 
 
-def make_example(seed: int) -> tuple[Scene, Image.Image]:
-    """The scene and picture for `seed` (the same seed gives the same pair)."""
+def make_example(seed: int, boxes: list[Box] | None = None) -> tuple[Scene, Image.Image]:
+    """The scene and picture for `seed` (the same seed gives the same pair); boxes as in `render`."""
     rng = np.random.default_rng(seed)
     scene = draw_scene(rng)
-    return scene, render(scene, rng)
+    return scene, render(scene, rng, boxes)
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:

@@ -27,12 +27,13 @@ from llama3v.converters.config import VisionConfig
 from llama3v.models import tiny_llava as tiny
 from llama3v.models.vision import Projector, VisionTower
 from llama3v.runtime.image_processing import ImageSpec, prepare_tile
-from llama3v.training.caption import caption_parts
-from llama3v.training.scenes import COLORS, SHAPES, SIZES, SLOTS, WORDS, Scene, Shape, draw_scene, make_example
+from llama3v.training.caption import COUNT_WIDTH, SLOT_WIDTH, WORD_WIDTH, caption_parts
+from llama3v.training.scenes import COLORS, SHAPES, SIZES, SLOTS, WORDS, Box, Scene, Shape, draw_scene, make_example
 
 TRAIN_SEED0 = 1_000_000  # training scenes use seeds from here; held-out scenes use 0..TRAIN_SEED0-1
 PAD = "\n"  # rows after the caption spell newlines
 NEG = -4.0  # non-target pre-activations are pushed below this (GELU(-4) = -1.3e-4)
+FIT_WEIGHT = 0.1
 
 
 def _gelu_one() -> float:
@@ -90,34 +91,66 @@ def _every_value() -> list[Scene]:
     return out
 
 
-def render_set(seeds: range) -> np.ndarray:
-    """Pixels uint8 [N, S, S, 3] of the seeds' pictures, prepared as the runtime prepares them."""
+# Per-patch labels (auxiliary heads): colour, shape, size, word of the object under each patch, 0 = none.
+HEADS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "word": len(WORDS) + 1}
+
+
+def patch_labels(scene: Scene, boxes: list[Box], size: tuple[int, int]) -> np.ndarray:
+    """[n_rows, 4] labels of the object under each patch centre, for a picture of `size` prepared by `pad`."""
+    w, h = size
+    side = max(w, h)
+    ox, oy = (side - w) // 2, (side - h) // 2  # as expand_to_square pads
+    grid = tiny.IMAGE_SIZE // tiny.PATCH_SIZE
+    out = np.zeros((grid * grid, len(HEADS)), np.int16)
+    for r in range(grid * grid):
+        x = ((r % grid) + 0.5) * tiny.PATCH_SIZE * side / tiny.IMAGE_SIZE - ox
+        y = ((r // grid) + 0.5) * tiny.PATCH_SIZE * side / tiny.IMAGE_SIZE - oy
+        for b in boxes:
+            shrink = 1.0 if b.index < 0 else 0.8  # a patch centre near a star's tip may be background
+            if abs(x - b.cx) < b.half_w * shrink and abs(y - b.cy) < b.half_h * shrink:
+                if b.index < 0:
+                    out[r, 3] = WORDS.index(scene.word) + 1
+                else:
+                    s = scene.shapes[b.index]
+                    out[r, :3] = (list(COLORS).index(s.color) + 1, SHAPES.index(s.shape) + 1,
+                                  list(SIZES).index(s.size) + 1)
+    return out
+
+
+def render_set(seeds: range) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels uint8 [N, S, S, 3] prepared as the runtime prepares them, and per-patch labels [N, n_rows, 4]."""
     spec = ImageSpec(size=tiny.IMAGE_SIZE, mode=tiny.PREPROCESS, mean=tiny.IMAGE_MEAN)
     pixels = np.empty((len(seeds), tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, 3), np.uint8)
+    labels = np.empty((len(seeds), tiny.N_ROWS, len(HEADS)), np.int16)
     for i, seed in enumerate(seeds):
-        pixels[i] = prepare_tile(make_example(seed)[1], spec)
-    return pixels
+        boxes: list[Box] = []
+        scene, image = make_example(seed, boxes)
+        pixels[i] = prepare_tile(image, spec)
+        labels[i] = patch_labels(scene, boxes, image.size)
+    return pixels, labels
 
 
 def dataset(workdir: Path, name: str, seeds: range, tokens: TokenSet, chunk: int = 2000) -> tuple[np.ndarray, ...]:
-    """Pixels rendered once into chunk files under workdir/data (resumable), and the caption rows [N, n_rows]."""
+    """Pixels and patch labels rendered once into chunk files under workdir/data (resumable), and the
+    caption rows [N, n_rows]."""
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    parts = []
+    pixels, labels = [], []
     for start in range(seeds.start, seeds.stop, chunk):
         part = data / f"{name}-{start}-{min(start + chunk, seeds.stop)}.npz"
         if not part.is_file():
             t0 = time.perf_counter()
-            pixels = render_set(range(start, min(start + chunk, seeds.stop)))
+            px, lab = render_set(range(start, min(start + chunk, seeds.stop)))
             tmp = part.with_suffix(".partial.npz")
-            np.savez(tmp, pixels=pixels)
+            np.savez(tmp, pixels=px, labels=lab)
             tmp.replace(part)
-            print(f"[data] {part.name}: {len(pixels)} scenes in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"[data] {part.name}: {len(px)} scenes in {time.perf_counter() - t0:.0f} s", flush=True)
         with np.load(part) as z:
-            parts.append(z["pixels"])
+            pixels.append(z["pixels"])
+            labels.append(z["labels"])
     # A scene's content is the first draw from its seed's generator (make_example), so rows need no picture.
     rows = np.stack([tokens.rows(draw_scene(np.random.default_rng(s)), tiny.N_ROWS) for s in seeds])
-    return np.concatenate(parts), rows
+    return np.concatenate(pixels), rows, np.concatenate(labels)
 
 
 class TinyVision(torch.nn.Module):
@@ -145,43 +178,57 @@ class TinyVision(torch.nn.Module):
             self.projector.linear_1.bias[k:] = 0
         self.projector.linear_2.requires_grad_(False)
         self.k = k
+        self.aux = torch.nn.Linear(cfg.hidden_size, sum(HEADS.values()))  # training only, never exported
         mean = torch.tensor(tiny.IMAGE_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(tiny.IMAGE_STD).view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    def pre(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, S, S, 3] -> pre-activations of the caption tokens [B, n_rows, K]."""
+    def pre(self, pixels: torch.Tensor, with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, S, S, 3] -> pre-activations of the caption tokens [B, n_rows, K] (and the aux logits)."""
         x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        return self.projector.linear_1(self.tower(x))[..., :self.k]
+        feats = self.tower(x)
+        pre = self.projector.linear_1(feats)[..., :self.k]
+        return (pre, self.aux(feats)) if with_aux else pre
+
+
+def aux_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the per-patch heads."""
+    total, start = 0.0, 0
+    for i, n in enumerate(HEADS.values()):
+        head = logits[..., start:start + n].flatten(0, 1).float()
+        total = total + F.cross_entropy(head, labels[..., i].flatten().long())
+        start += n
+    return total / len(HEADS)
 
 
 def loss_fn(pre: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the token set plus the push of the target to GELU = 1 and the rest below NEG."""
+    """Cross-entropy over the token set, plus FIT_WEIGHT times the push of the target's pre-activation to
+    GELU = 1 and of the others below NEG (measured: with the push at full weight it swamped the
+    cross-entropy and the tower learned almost nothing in 300 steps)."""
     ce = F.cross_entropy(pre.flatten(0, 1).float(), target.flatten().long())
     onehot = F.one_hot(target.long(), pre.shape[-1]).bool()
-    fit = ((pre[onehot] - POS) ** 2).mean() + (F.relu(pre[~onehot] - NEG) ** 2).mean() * pre.shape[-1] / 4
+    fit = ((pre[onehot] - POS) ** 2).mean() + (F.relu(pre[~onehot] - NEG) ** 2).mean()
     acc = (pre.argmax(-1) == target).float().mean()
-    return ce + fit, acc
+    return ce + FIT_WEIGHT * fit, acc
 
 
 @torch.no_grad()
 def evaluate(model: TinyVision, pixels: np.ndarray, rows: np.ndarray, batch: int = 128) -> dict:
-    """Held-out row accuracy, whole-caption exact rate, and how far rows are from their target code."""
+    """Held-out row accuracy, whole parts right (count, a slot, the word) and whole captions right."""
     model.eval()
-    right = exact = 0
-    worst = []
+    oks, worst = [], []
     for i in range(0, len(rows), batch):
         pre = model.pre(torch.from_numpy(pixels[i:i + batch]))
         target = torch.from_numpy(rows[i:i + batch]).long()
-        ok = pre.argmax(-1) == target
-        right += int(ok.sum())
-        exact += int(ok.all(-1).sum())
-        act = F.gelu(pre)
-        worst.append((act - F.one_hot(target, pre.shape[-1])).abs().amax(-1).flatten())
+        oks.append(pre.argmax(-1) == target)
+        worst.append((F.gelu(pre) - F.one_hot(target, pre.shape[-1])).abs().amax(-1).flatten())
     model.train()
-    n = len(rows)
-    return {"row_acc": right / (n * rows.shape[1]), "caption_exact": exact / n,
+    ok = torch.cat(oks)
+    bounds = np.cumsum([0, COUNT_WIDTH] + [SLOT_WIDTH] * len(SLOTS) + [WORD_WIDTH])
+    part = [ok[:, a:b].all(-1).float().mean().item() for a, b in zip(bounds, bounds[1:], strict=False)]
+    return {"row_acc": ok.float().mean().item(), "caption_exact": ok.all(-1).float().mean().item(),
+            "count_exact": part[0], "slot_exact": float(np.mean(part[1:-1])), "word_part_exact": part[-1],
             "max_code_error_p99": float(torch.quantile(torch.cat(worst), 0.99))}
 
 
@@ -212,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the tower")
     ap.add_argument("--export-only", action="store_true", help="export the last saved state and stop")
+    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch attribute heads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.workdir
@@ -219,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     gguf = wheel_gguf()
     tokens = TokenSet(gguf)
     print(f"[train] {len(tokens.ids)} caption tokens; {tiny.N_ROWS} image rows", flush=True)
-    eval_px, eval_rows = dataset(work, "heldout", range(0, args.eval_scenes), tokens)
-    train_px, train_rows = dataset(work, "train", range(TRAIN_SEED0, TRAIN_SEED0 + args.train_scenes), tokens)
+    eval_px, eval_rows, _ = dataset(work, "heldout", range(0, args.eval_scenes), tokens)
+    train_px, train_rows, train_labels = dataset(work, "train", range(TRAIN_SEED0, TRAIN_SEED0 + args.train_scenes),
+                                                 tokens)
 
     model = TinyVision(lm_embeddings(gguf, tokens.ids), args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         step, log = state["step"], state["log"]
         print(f"[train] resumed at step {step}", flush=True)
     if args.export_only:
+        print(f"[eval] step {step}: {evaluate(model, eval_px, eval_rows)}", flush=True)
         export(model, tokens, work / "export", log)
         print(f"[train] exported step {step} to {work / 'export'}", flush=True)
         return 0
@@ -247,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         idx = rng.integers(0, len(train_rows), args.batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            pre = model.pre(torch.from_numpy(train_px[idx]))
+            pre, aux = model.pre(torch.from_numpy(train_px[idx]), with_aux=True)
         loss, acc = loss_fn(pre.float(), torch.from_numpy(train_rows[idx]))
+        loss = loss + args.aux_weight * aux_loss(aux, torch.from_numpy(train_labels[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = evaluate(model, eval_px, eval_rows)
             log.append({"step": step, "wall_s": wall + now - t_start, "loss": loss.item(), **ev})
             print(f"[eval] step {step}: held-out row-acc {ev['row_acc']:.4f} caption-exact {ev['caption_exact']:.3f} "
+                  f"count {ev['count_exact']:.3f} slot {ev['slot_exact']:.3f} word {ev['word_part_exact']:.3f} "
                   f"code-error p99 {ev['max_code_error_p99']:.3f}", flush=True)
         if step % args.save_every == 0 or step == args.steps:
             entry = {"step": step, "wall_s": wall + time.perf_counter() - t_start}

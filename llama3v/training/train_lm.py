@@ -30,8 +30,8 @@ from llama3v.models.llama import Llama
 from llama3v.models.smollm2 import read_llm, tokenizer_files, wheel_gguf
 from llama3v.runtime.prompt import Message, render
 from llama3v.training.lora import adapter_tensors, add_lora
-from llama3v.training.questions import questions_for
-from llama3v.training.scenes import draw_scene
+from llama3v.training.questions import Question, questions_for
+from llama3v.training.scenes import Scene, draw_scene
 from llama3v.training.train import TRAIN_SEED0, TokenSet
 
 
@@ -57,13 +57,17 @@ class Prompts:
         q_rng = np.random.default_rng(seed + 17)
         qs = questions_for(scene, q_rng, heldout)
         q = qs[int(q_rng.integers(len(qs)))]
+        ids = self.prompt_ids(scene, q)
+        return ids + self.tokenize(q.reply) + [self.end], len(ids), q.type
+
+    def prompt_ids(self, scene: Scene, q: Question) -> list[int]:
+        """The runtime's prompt for `q` with the scene's caption tokens in place of the image rows."""
         pieces, _ = render(self.template, [Message("user", q.text, [("image", None)])], "", "")
         rows = self.captions.caption_ids(scene, tiny.N_ROWS)
-        ids = []
+        ids: list[int] = []
         for piece in pieces:
             ids += rows if isinstance(piece, int) else self.tokenize(piece)
-        start = len(ids)
-        return ids + self.tokenize(q.reply) + [self.end], start, q.type
+        return ids
 
 
 def load_lm(gguf: Path) -> Llama:
