@@ -21,6 +21,7 @@ from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
+from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
     Part,
@@ -48,6 +49,7 @@ class Result:
     n_reused: int = 0
     n_encodes: int = 0
     media: list[dict] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -68,6 +70,7 @@ class Generation:
 
     def __init__(self, run: Callable[[Generation], Iterator[str]]):
         self.result: Result | None = None
+        self.logprobs: list[TokenLogprob] = []  # grows token by token while streaming, when asked for
         self._pieces = run(self)
 
     def __iter__(self) -> Iterator[str]:
@@ -181,17 +184,38 @@ class Session:
 
         Sampling: max_tokens=256, temperature=0.8 (0: greedy), top_k=40, top_p=0.95, seed=None,
         stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
-        all_logits=False (keep prompt logits, for tests).
+        all_logits=False (keep prompt logits, for tests), logprobs=None (k: record each token's
+        log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
+        rule `root`, that constrains the answer), require_room=False (refuse a prompt that leaves the
+        context less than max_tokens, instead of stopping where the context ends).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
-    def _run(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-             top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
-             logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
+    def complete(self, text: str, **sampling: object) -> Generation:
+        """Continue raw text: BOS then `text` tokenized as is (no chat template, no media); sampling as in `chat`."""
+        prompt = _Prompt([self.model.tokenize(self.model.bos_text + text)])
+        n = len(prompt.identities())
+        if n >= self.ctx.n_ctx:
+            raise Llama3vError(f"the prompt needs {n} positions but the context holds {self.ctx.n_ctx}: raise --n-ctx "
+                               "or shorten the prompt")
+        return self._start(prompt, [], **sampling)
+
+    def _run(self, messages: list[Message], max_tokens: int = 256, **sampling: object) -> Generation:
         prompt, media_info = self._prepare(messages, max_tokens)
-        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
+        return self._start(prompt, media_info, max_tokens, **sampling)
+
+    def _start(self, prompt: _Prompt, media_info: list[dict], max_tokens: int = 256, temperature: float = 0.8,
+               top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
+               logit_bias: dict[int, float] | None = None, all_logits: bool = False, logprobs: int | None = None,
+               grammar: str | None = None, require_room: bool = False) -> Generation:
+        n = len(prompt.identities())
+        if require_room and n + max_tokens > self.ctx.n_ctx:
+            raise Llama3vError(f"max_tokens {max_tokens} does not fit: the context holds {self.ctx.n_ctx} positions "
+                               f"and the prompt takes {n}, so at most {self.ctx.n_ctx - n} can be generated "
+                               "(lower max_tokens or raise --n-ctx)")
+        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
-                                                   all_logits))
+                                                   all_logits, logprobs))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
@@ -234,7 +258,7 @@ class Session:
         return prompt, [describe(parts) for parts in expanded]
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
-                stop: list[str], all_logits: bool) -> Iterator[str]:
+                stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
             t0 = time.perf_counter()
@@ -251,6 +275,8 @@ class Session:
                     finish = "stop"
                     break
                 tokens.append(tok)
+                if logprobs is not None:
+                    gen.logprobs.append(token_logprob(self.ctx.last_logits(), tok, logprobs, self.model.piece))
                 text += decoder.decode(self.model.piece(tok))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
@@ -273,6 +299,7 @@ class Session:
                 info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
+                                logprobs=list(gen.logprobs) if logprobs is not None else None,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()
