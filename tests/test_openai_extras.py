@@ -58,7 +58,8 @@ def test_logprobs_are_the_log_softmax_of_the_logits(client, local):
     assert len(content) == len(tokens)
     for i, (entry, tok) in enumerate(zip(content, tokens, strict=True)):
         assert entry.logprob == pytest.approx(expected[i, tok], abs=1e-3)
-        assert entry.bytes == list(local.model.piece(tok)) and entry.token == local.model.piece(tok).decode("utf-8", "replace")
+        piece = local.model.piece(tok)
+        assert entry.bytes == list(piece) and entry.token == piece.decode("utf-8", "replace")
         best = np.argsort(-expected[i])[:3]
         assert tok == best[0], "greedy picks the most likely token"
         assert [t.bytes for t in entry.top_logprobs] == [list(local.model.piece(int(b))) for b in best]

@@ -7,6 +7,7 @@ Saves docs/web-ui.png, the screenshot the README shows.
 from __future__ import annotations
 
 import base64
+import io
 import re
 import shutil
 from pathlib import Path
@@ -17,13 +18,14 @@ import pytest
 from PIL import Image
 
 from llama3v.models.factory import TinySpec
+from llama3v.runtime.image_processing import ImageSpec, TileLayout, load_image, process_image, tile_boxes
+from llama3v.runtime.video import Sampling, sample_indices
 
 KEY = "page-key"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "web-ui.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="no chromium and chromedriver installed (scripts/setup.sh installs them)")
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,8 @@ def server(tiny, running_server):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no chromium and chromedriver installed (scripts/setup.sh installs them)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (llama3v[test])")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -92,6 +96,7 @@ def test_chat_page_end_to_end(server, browser, photo):
     assert d.execute_script("return sessionStorage.getItem('llama3v-api-key')") == KEY
     assert d.find_element("id", "model").text == "model-f32"
 
+    d.find_element("css selector", "#settings summary").click()
     d.find_element("id", "temperature").clear()
     d.find_element("id", "temperature").send_keys("0")
     d.find_element("id", "max-tokens").send_keys("16")
@@ -148,3 +153,65 @@ def test_phone_width(server, browser):
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     box = d.find_element("id", "prompt")
     assert box.size["width"] > 300, "the message box takes the phone's width"
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_image_preview_is_what_the_runtime_encodes(server, photo):
+    uri = _data_uri(photo, "image/jpeg")
+    plan = httpx.post(f"{server}/v1/llama3v/media", headers=AUTH, json={"type": "image", "url": uri}).json()
+    assert (plan["layout"], plan["grid"], plan["n_tiles"], plan["width"], plan["height"]) == \
+        ("slices", [2, 2], 5, 640, 488)
+    answer = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}],
+        "max_tokens": 1}).json()
+    (media,) = answer["llama3v"]["media"]
+    assert (media["rows"], media["n_tiles"], media["grid"]) == (plan["rows"], plan["n_tiles"], plan["grid"])
+    # Each box, cut from the photo and scaled to the tower's size, is the tile the runtime encodes.
+    image = load_image(photo)
+    tiles = process_image(image, ImageSpec(size=plan["tower_size"], max_tiles=4)).tiles
+    for (x, y, w, h), tile in zip(plan["tiles"], tiles[1:], strict=True):
+        cut = image.crop((round(x), round(y), round(x + w), round(y + h))).resize(tile.shape[:2][::-1],
+                                                                                 Image.Resampling.BICUBIC)
+        assert np.abs(np.asarray(cut, np.int16) - tile).mean() < 6
+    shifted = image.crop((0, 0, 320, 244)).resize(tiles[1].shape[:2][::-1], Image.Resampling.BICUBIC)
+    assert np.abs(np.asarray(shifted, np.int16) - tiles[2]).mean() > 20, "a wrong box would show"
+
+
+def test_anyres_boxes_cover_the_image_once():
+    spec = ImageSpec(size=32, grid_pinpoints=((64, 32), (32, 64), (64, 64), (32, 96)))
+    for size in [(97, 61), (61, 97), (200, 60), (40, 40)]:
+        layout = process_image(Image.new("RGB", size), spec).layout
+        base, boxes = tile_boxes(layout, spec)
+        assert base == (0.0, 0.0, *map(float, size)) and len(boxes) == layout.grid[0] * layout.grid[1] > 1
+        covered = np.zeros(size[::-1], np.int32)
+        for x, y, w, h in boxes:
+            assert x >= 0 and y >= 0 and x + w <= size[0] + 1e-9 and y + h <= size[1] + 1e-9
+            covered[round(y):round(y + h), round(x):round(x + w)] += 1
+        assert (covered == 1).all(), (size, layout)
+    assert tile_boxes(TileLayout("single", (0, 0), (640, 488)), ImageSpec(size=32)) == ((76.0, 0.0, 488.0, 488.0), [])
+
+
+def test_video_preview_is_the_runtime_sampling(server, motion_video):
+    plan = httpx.post(f"{server}/v1/llama3v/media", headers=AUTH,
+                      json={"type": "video", "url": _data_uri(motion_video, "video/mp4")}).json()
+    indices = sample_indices(30, 10.0, Sampling())
+    assert [f["index"] for f in plan["frames"]] == indices and len(indices) == 16
+    assert [f["time"] for f in plan["frames"]] == pytest.approx([i / 10 for i in indices])
+    assert plan["duration"] == pytest.approx(3.0) and plan["rows_per_frame"] == 16
+    head, data = plan["frames"][0]["image"].split(",")
+    assert head == "data:image/jpeg;base64" and Image.open(io.BytesIO(base64.b64decode(data))).size == (56, 56)
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"type": "image", "url": "data:image/png;base64,!!"}, 400),
+    ({"type": "image", "url": "/etc/hostname"}, 403),
+    ({"type": "image", "url": "http://127.0.0.1:1/x.png"}, 403),
+    ({"type": "audio", "url": "data:audio/wav;base64,AAAA"}, 400),
+])
+def test_preview_has_the_api_checks(server, body, status):
+    r = httpx.post(f"{server}/v1/llama3v/media", headers=AUTH, json=body)
+    assert r.status_code == status and r.json()["error"]["message"]
+    assert httpx.post(f"{server}/v1/llama3v/media", json=body).status_code == 401
