@@ -68,6 +68,19 @@ def _stat(answer, name: str) -> float:
     return float(re.match(r"[\d,.]+", text).group(0).replace(",", ""))
 
 
+def _ready(driver) -> bool:
+    return driver.find_element("tag name", "body").get_attribute("data-ready") == "true"
+
+
+def _load(driver, base: str) -> None:
+    """Open the page, giving the API key if it asks."""
+    driver.get(base)
+    _wait(driver, lambda d: _ready(d) or d.find_element("id", "key-dialog").get_attribute("open") is not None)
+    if not _ready(driver):
+        driver.find_element("id", "key").send_keys(KEY + "\n")
+        _wait(driver, _ready)
+
+
 def _ask(driver, question: str, press_enter: bool):
     from selenium.webdriver.common.keys import Keys
 
@@ -89,11 +102,16 @@ def _ask(driver, question: str, press_enter: bool):
 def test_chat_page_end_to_end(server, browser, photo):
     d = browser
     d.get(server)
+    d.execute_script("sessionStorage.clear()")
+    d.refresh()
     # The server wants a key: the page asks once and keeps it for the tab.
     _wait(d, lambda d: d.find_element("id", "key-dialog").get_attribute("open") is not None)
     d.find_element("id", "key").send_keys(KEY + "\n")
-    _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "true")
+    _wait(d, _ready)
     assert d.execute_script("return sessionStorage.getItem('llama3v-api-key')") == KEY
+    d.refresh()  # asked once: the tab keeps the key
+    _wait(d, _ready)
+    assert d.find_element("id", "key-dialog").get_attribute("open") is None
     assert d.find_element("id", "model").text == "model-f32"
 
     d.find_element("css selector", "#settings summary").click()
@@ -134,22 +152,29 @@ def test_chat_page_end_to_end(server, browser, photo):
 
 def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path):
     d = browser
-    d.get(server)  # the key is still in this tab's sessionStorage: no question this time
-    _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "true")
-    assert d.find_element("id", "key-dialog").get_attribute("open") is None
+    _load(d, server)
     big = tmp_path / "big.png"  # noise does not compress: about 3.6 MB
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 2 << 20
     d.find_element("id", "file").send_keys(str(big))
     problem = _wait(d, lambda d: _css(d, "#tray .problem"))[0]
     assert problem.text == "Error 413: request body over the 2 MiB limit"
+    d.find_element("css selector", "#tray .remove").click()
+
+    # A context the answer cannot fit in: the API's 400, and the question back in the box to edit.
+    d.find_element("css selector", "#settings summary").click()
+    d.find_element("id", "max-tokens").send_keys("5000")
+    d.find_element("id", "prompt").send_keys("Tell me everything.\n")
+    error = _wait(d, lambda d: _css(d, "article.assistant.error"))[0]
+    assert error.get_attribute("role") == "alert"
+    assert error.text.startswith("Error 400: max_tokens 5000 does not fit: the context holds 4096 positions")
+    assert d.find_element("id", "prompt").get_attribute("value") == "Tell me everything."
 
 
 def test_phone_width(server, browser):
     d = browser
     d.set_window_size(390, 844)
-    d.get(server)
-    _wait(d, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "true")
+    _load(d, server)
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     box = d.find_element("id", "prompt")
     assert box.size["width"] > 300, "the message box takes the phone's width"
