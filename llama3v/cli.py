@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions (text, image_url and video_url parts; streaming), "
-                       "/v1/models and /health. Loopback only unless --host says otherwise. Requests queue for the "
+                       "/v1/completions, /v1/models, /health, and a chat page at /. Loopback only unless --host says "
+                       "otherwise. Requests queue for the "
                        "single model; a full queue answers 503. Options also come from LLAMA3V_* variables.")
     _add_model(p, env=True)
     p.add_argument("--host", default=env("LLAMA3V_HOST", "127.0.0.1"), help="bind address (127.0.0.1; LLAMA3V_HOST)")

@@ -159,3 +159,21 @@ def test_text_completions(client, local):
     assert "".join(c.choices[0].text for c in streamed) == expected.text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt=[1, 2, 3], max_tokens=2)
+
+
+def test_frequency_and_presence_penalties(client, local):
+    kw = {"max_tokens": 40, "logit_bias": {"460": -100, "457": -100}}  # no end of turn: a long answer
+    plain = _ask(client, "Go on forever.", **kw).model_extra["llama3v"]["tokens"]
+    tokens = _ask(client, "Go on forever.", frequency_penalty=1.5, presence_penalty=0.5,
+                  **kw).model_extra["llama3v"]["tokens"]
+    assert len(set(plain)) < len(plain) and tokens != plain, "greedy repeats itself; the penalties change that"
+    logits = local.score("Go on forever.", tokens)
+    counts, overruled = np.zeros(logits.shape[1]), 0
+    for i, tok in enumerate(tokens):  # OpenAI's rule over the tokens generated so far
+        raw = logits[i].copy()
+        raw[[460, 457]] -= 100
+        adjusted = raw - 1.5 * counts - 0.5 * (counts > 0)
+        assert adjusted[tok] >= adjusted.max() - 1e-3, "the greedy pick under the penalties (to float error)"
+        overruled += raw[tok] < raw.max() - 1e-2
+        counts[tok] += 1
+    assert overruled >= 1, "the penalties overruled the model's first choice"

@@ -189,11 +189,13 @@ class Context:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: a grammar (GBNF) if given, logit bias, then greedy at temperature 0, else
-    top-k, top-p, temperature and a seeded draw."""
+    """llama.cpp's sampler chain: a grammar (GBNF) if given, logit bias, frequency and presence penalties over the
+    tokens generated so far (OpenAI's: logit - frequency * count - presence * (count > 0)), then greedy at
+    temperature 0, else top-k, top-p, temperature and a seeded draw."""
 
     def __init__(self, model: TextModel, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-                 seed: int | None = None, logit_bias: dict[int, float] | None = None, grammar: str | None = None):
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None, grammar: str | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, penalty_window: int = 4096):
         llama = self._llama = model._llama
         self.ptr = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         if grammar is not None:
@@ -211,6 +213,9 @@ class Sampler:
                 *(llama.llama_logit_bias(token=t, bias=b) for t, b in logit_bias.items()))
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_logit_bias(
                 model.n_vocab, len(logit_bias), biases))
+        if frequency_penalty or presence_penalty:
+            llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_penalties(
+                model.n_vocab, penalty_window, 1.0, frequency_penalty, presence_penalty))
         if temperature <= 0:
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_greedy())
             return

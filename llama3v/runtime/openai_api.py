@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from llama3v.errors import Llama3vError
@@ -163,11 +164,15 @@ def sampling(body: dict, default_max_tokens: int = 256) -> dict:
             "seed": None if body.get("seed") is None else int(body["seed"]),
             "stop": [stop] if isinstance(stop, str) else [str(s) for s in stop],
             "logit_bias": {int(t): float(b) for t, b in (body.get("logit_bias") or {}).items()} or None,
+            "frequency_penalty": float(body.get("frequency_penalty") or 0.0),
+            "presence_penalty": float(body.get("presence_penalty") or 0.0),
         }
     except (TypeError, ValueError) as e:
         raise RequestError(f"invalid sampling parameter: {e}") from e
     if out["max_tokens"] < 1 or not 0 <= out["temperature"] <= 100 or not 0 < out["top_p"] <= 1:
         raise RequestError("max_tokens must be >= 1, temperature in [0, 100], top_p in (0, 1]")
+    if not (-2 <= out["frequency_penalty"] <= 2 and -2 <= out["presence_penalty"] <= 2):
+        raise RequestError("frequency_penalty and presence_penalty must be in [-2, 2]")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported")
     return out
@@ -255,6 +260,17 @@ def chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = 
         if with_usage:
             out["usage"] = usage(result)
     return out
+
+
+class ResponseFormat(Protocol):
+    """How an endpoint writes whole answers and stream events (ChatFormat; text_completions.TextFormat)."""
+
+    id_prefix: str
+
+    def whole(self, result: Result, model: str, request_id: str) -> dict: ...
+    def opening(self, request_id: str, model: str) -> dict | None: ...
+    def piece(self, request_id: str, model: str, text: str, logprobs: list[TokenLogprob]) -> dict: ...
+    def closing(self, request_id: str, model: str, result: Result, with_usage: bool) -> dict: ...
 
 
 class ChatFormat:

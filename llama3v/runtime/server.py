@@ -5,6 +5,8 @@ server-sent events through Starlette. The model serves one request at a time: re
 a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
 that disconnects stops its generation at the next token, freeing the model. Loopback by default;
 optional API key; local media only under the allowed roots; remote URLs only if enabled.
+Besides /v1/chat/completions it answers the legacy /v1/completions (text_completions.py) and serves
+the chat page at / (page.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request)
@@ -189,7 +191,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
                    prompt=tc.prompt_text(payload))
         return await answer(request, payload, job, tc.TextFormat)
 
-    async def answer(request: Request, payload: dict, job: _Job, fmt: type):  # noqa: ANN202
+    async def answer(request: Request, payload: dict, job: _Job, fmt: oa.ResponseFormat):  # noqa: ANN202
         """Queue the job; stream its events or wait for the whole answer, written in `fmt`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -239,7 +241,7 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
 
 
 async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str,  # noqa: ANN001, ANN202
-                   fmt: type):
+                   fmt: oa.ResponseFormat):
     """Wait for a non-streamed answer, cancelling the job if the client goes away."""
     try:
         while True:
@@ -258,7 +260,7 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
 
 
 async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
-               include_usage: bool, fmt: type) -> AsyncIterator[str]:
+               include_usage: bool, fmt: oa.ResponseFormat) -> AsyncIterator[str]:
     """Server-sent events: an opening chunk (chat), text chunks, a final chunk, [DONE]; cancelled on disconnect."""
     try:
         if (opening := fmt.opening(request_id, model)) is not None:

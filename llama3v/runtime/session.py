@@ -186,8 +186,9 @@ class Session:
         stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
         all_logits=False (keep prompt logits, for tests), logprobs=None (k: record each token's
         log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
-        rule `root`, that constrains the answer), require_room=False (refuse a prompt that leaves the
-        context less than max_tokens, instead of stopping where the context ends).
+        rule `root`, that constrains the answer), frequency_penalty=0 and presence_penalty=0 (OpenAI's, over
+        the generated tokens), require_room=False (refuse a prompt that leaves the context less than
+        max_tokens, instead of stopping where the context ends).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
@@ -207,13 +208,15 @@ class Session:
     def _start(self, prompt: _Prompt, media_info: list[dict], max_tokens: int = 256, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
                logit_bias: dict[int, float] | None = None, all_logits: bool = False, logprobs: int | None = None,
-               grammar: str | None = None, require_room: bool = False) -> Generation:
+               grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               require_room: bool = False) -> Generation:
         n = len(prompt.identities())
         if require_room and n + max_tokens > self.ctx.n_ctx:
             raise Llama3vError(f"max_tokens {max_tokens} does not fit: the context holds {self.ctx.n_ctx} positions "
                                f"and the prompt takes {n}, so at most {self.ctx.n_ctx - n} can be generated "
                                "(lower max_tokens or raise --n-ctx)")
-        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar)
+        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar, frequency_penalty,
+                          presence_penalty, self.ctx.n_ctx)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
                                                    all_logits, logprobs))
 
