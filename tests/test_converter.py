@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration
 
 from llama3v.converters.convert import convert
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import LAYOUTS, TinySpec, make_checkpoint
+from llama3v.testing.factory import LAYOUTS, TinySpec, make_checkpoint
 
 SPEC = TinySpec(vision_layers=3, feature_layer=-2, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 64})
 
@@ -220,8 +220,8 @@ def test_linear_projector_is_expressed_exactly(tmp_path):
 
 
 def _drop_tensor(ckpt, name):
-    from llama3v.converters.checkpoint import open_checkpoint
-    from llama3v.models.factory import write_safetensors
+    from llama3v.hf.checkpoint import open_checkpoint
+    from llama3v.testing.factory import write_safetensors
 
     c = open_checkpoint(ckpt)
     tensors = {n: c.get(n) for n in c.shapes if n != name}
@@ -275,7 +275,7 @@ def test_failure_mid_write_leaves_the_destination_untouched(tmp_path, tiny, monk
     convert(built.ckpt, out, "f32", "f32")
     before = (out / "model-f32.gguf").read_bytes()
 
-    from llama3v.converters import writer
+    from llama3v import gguf_writer as writer
 
     real_encode = writer.encode
     calls = {"n": 0}

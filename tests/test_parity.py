@@ -7,11 +7,11 @@ import pytest
 
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import embedding_parity, generation_parity, nmse, tiles_of
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime import selfcheck
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 # Widths that are multiples of 32 let q8_0 really quantize the matrices; the others stay odd.
 SPECS = {

@@ -12,22 +12,22 @@ from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf import quants as gguf_quants
 from PIL import Image
 
-from llama3v.converters import ggml_quants
+from llama3v.cli.quantize import quantize_file
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, storage_type
-from llama3v.converters.requantize import requantize_mmproj
 from llama3v.errors import Llama3vError
 from llama3v.evaluation import quant_report as qr
 from llama3v.evaluation.kl import compare, kl_divergence
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import mean_row_cosine, nmse, tiles_of
-from llama3v.evaluation.quantize_command import quantize_file
 from llama3v.gguf_header import read_gguf
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.models.llava import LlavaReference
+from llama3v.quant import ggml_quants
+from llama3v.quant.llm import LLM_QUANT_TYPES, quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
+from llama3v.quant.storage import LLM_TYPES, MMPROJ_TYPES, storage_type
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.llm_quantize import LLM_QUANT_TYPES, quantize_llm
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 Q = GGMLQuantizationType
 

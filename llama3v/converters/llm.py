@@ -11,11 +11,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import TextConfig
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, storage_type
 from llama3v.converters.tokenizer import load_vocab
-from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import TextConfig
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.quant.storage import file_type, storage_type
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -10,11 +10,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import VISION_ACTIVATIONS
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, kept_precision, storage_type
-from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import VISION_ACTIVATIONS
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.quant.storage import file_type, kept_precision, storage_type
 
 
 def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:

@@ -17,9 +17,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from llama3v.atomic import atomic_output
-from llama3v.converters.quantize import encode
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
+from llama3v.quant.storage import encode
 
 
 @dataclass
