@@ -275,18 +275,18 @@ def test_failure_mid_write_leaves_the_destination_untouched(tmp_path, tiny, monk
     convert(built.ckpt, out, "f32", "f32")
     before = (out / "model-f32.gguf").read_bytes()
 
-    from llama3v import gguf_writer as writer
+    from gguf import GGUFWriter
 
-    real_encode = writer.encode
+    real_write = GGUFWriter.write_tensor_data
     calls = {"n": 0}
 
-    def failing_encode(data, qtype):
+    def failing_write(self, tensor, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_encode(data, qtype)
+        return real_write(self, tensor, *args, **kwargs)
 
-    monkeypatch.setattr(writer, "encode", failing_encode)
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", failing_write)
     with pytest.raises(KeyboardInterrupt):
         convert(built.ckpt, out, "f32", "f32", force=True)
     assert (out / "model-f32.gguf").read_bytes() == before

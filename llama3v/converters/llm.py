@@ -15,7 +15,7 @@ from llama3v.converters.tokenizer import load_vocab
 from llama3v.gguf_writer import TensorPlan, write_gguf
 from llama3v.hf.config import TextConfig
 from llama3v.hf.key_formats import LlavaCheckpoint
-from llama3v.quant.storage import file_type, storage_type
+from llama3v.quant.storage import encode, file_type, storage_type
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -97,4 +97,4 @@ def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         vocab.add_to(w)
 
-    write_gguf(path, S.LLM_ARCH, metadata, plans, progress)
+    write_gguf(path, S.LLM_ARCH, metadata, plans, encode, progress)

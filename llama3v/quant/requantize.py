@@ -20,7 +20,7 @@ from gguf.gguf_reader import ReaderTensor
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.gguf_writer import TensorPlan, write_gguf
-from llama3v.quant.storage import file_type, kept_precision, parse_outtype, storage_type
+from llama3v.quant.storage import encode, file_type, kept_precision, parse_outtype, storage_type
 
 Q = GGMLQuantizationType
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
@@ -75,7 +75,7 @@ def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: boo
         w.add_array(S.KEPT_PRECISION, kept)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(dst, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(dst, S.CLIP_ARCH, metadata, plans, encode, progress)
     return dst
 
 
