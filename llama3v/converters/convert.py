@@ -10,7 +10,8 @@ from llama3v.converters.mmproj import mmproj_plan, write_mmproj
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
 from llama3v.hf.key_formats import load_llava
-from llama3v.quant.storage import LLM_TYPES, MMPROJ_TYPES, parse_outtype
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
@@ -28,7 +29,8 @@ def convert(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
-    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
+    model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
+    mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]
