@@ -10,9 +10,9 @@ import numpy as np
 import openai
 import pytest
 
-from llama3v.models.factory import TinySpec
 from llama3v.runtime.logprobs import log_softmax
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 N_CTX = 256

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llama3v.models.factory import TinySpec
 from llama3v.runtime.image_processing import ImageSpec, TileLayout, load_image, process_image, tile_boxes
 from llama3v.runtime.video import Sampling, sample_indices
+from llama3v.testing.factory import TinySpec
 
 KEY = "page-key"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "web-ui.png"

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from llama3v.converters.layouts import load_llava
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.key_formats import load_llava
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
@@ -28,7 +29,8 @@ def convert(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
-    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
+    model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
+    mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]
@@ -37,11 +39,11 @@ def convert(
 
     ckpt = load_llava(src, vision_tower)
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
-    mmproj_plan(ckpt, mmproj_type)
-    llm_plan(ckpt, model_type)
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    mmproj_plans = mmproj_plan(ckpt, mmproj_type)
+    llm_plans = llm_plan(ckpt, model_type)
+    vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
     outdir.mkdir(parents=True, exist_ok=True)
-    write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    write_llm(ckpt, model_path, model_type, progress)
+    write_mmproj(ckpt, mmproj_path, mmproj_type, mmproj_plans, progress)
+    write_llm(ckpt, model_path, model_type, llm_plans, vocab, progress)
     return model_path, mmproj_path

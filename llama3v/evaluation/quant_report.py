@@ -34,25 +34,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llama3v import quant_types
 from llama3v.atomic import atomic_output
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import parse_outtype
-from llama3v.converters.requantize import requantize_mmproj
 from llama3v.errors import Llama3vError
 from llama3v.evaluation.kl import compare
 from llama3v.evaluation.quant_plot import Point, draw_size_vs_kl
 from llama3v.evaluation.scenes import scenes
+from llama3v.quant import types as quant_types
+from llama3v.quant.llm import quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import LLM_QUANT_TYPES
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput
-from llama3v.runtime.llm_quantize import LLM_QUANT_TYPES, quantize_llm
 from llama3v.runtime.session import Session
 
 DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES = quant_types.REPORT_MMPROJ_TYPES, quant_types.REPORT_MODEL_TYPES
 QUESTION = "Describe this image in detail."
 N_PREDICT = 32
 N_SCENES = 2  # a ViT-L encode takes ~5 s per image and type on 2 CPU cores
-N_CTX = 4096
 OUTPUTS = ("quant-report.md", "quant-report.csv", "quant-report.png")
 MIB = 1 << 20
 
@@ -233,7 +233,7 @@ def _score(session: Session, prompt: str, tokens: list[int], image: ImageInput) 
 
 
 def _session(model: Path, mmproj: Path, n_threads: int | None) -> Session:
-    return Session(model, mmproj, n_ctx=N_CTX, n_threads=n_threads, kv_type="f32", flash_attn=False)
+    return Session(model, mmproj, n_threads=n_threads, kv_type="f32", flash_attn=False)
 
 
 def _cached(path: Path, compute: Callable[[], dict]) -> dict:

@@ -10,6 +10,7 @@ tiles (from the same image processing a request runs) and a video's sampled fram
 import asyncio
 import base64
 import io
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from PIL import Image
@@ -38,12 +39,11 @@ def public(path: str) -> bool:
     return path in ("/", "/health") or path.removeprefix("/web/") in FILES
 
 
-def router(session: Session, config: object):  # -> fastapi.APIRouter
-    """The page's routes over `session`, under the server's `config` (ServerConfig)."""
+def router(session: Session, config: object, read_json: Callable[..., Awaitable[dict]]):  # -> fastapi.APIRouter
+    """The page's routes over `session`, under the server's `config` (ServerConfig); `read_json(request, config)`
+    is the server's body reader, so the preview has the API's body limits."""
     from fastapi import APIRouter, Request
     from fastapi.responses import Response
-
-    from llama3v.runtime.server import read_json
 
     routes = APIRouter()
 
@@ -90,9 +90,10 @@ def preview(session: Session, kind: str, url: object, policy: oa.MediaPolicy) ->
 
 def image_preview(session: Session, source: bytes | Path) -> dict:
     """An image's layout, tiles (boxes in image pixels) and prompt rows, as the session would encode it."""
-    info = describe(image_parts(source, 0, session.encoder, session.cache, session.max_tiles, session.image_layout))
+    o = session.options
+    info = describe(image_parts(source, 0, session.encoder, session.cache, o.max_tiles, o.image_layout))
     layout = TileLayout(info["layout"], tuple(info["grid"]), tuple(info["image_size"]))
-    base, tiles = tile_boxes(layout, image_spec(session.encoder, session.max_tiles))
+    base, tiles = tile_boxes(layout, image_spec(session.encoder, o.max_tiles))
     return {"kind": "image", "width": layout.image_size[0], "height": layout.image_size[1], "layout": layout.kind,
             "grid": list(layout.grid), "n_tiles": info["n_tiles"], "rows": info["rows"],
             "tower_size": session.encoder.spec.size, "mode": session.encoder.spec.mode,
@@ -101,7 +102,7 @@ def image_preview(session: Session, source: bytes | Path) -> dict:
 
 def video_preview(session: Session, source: bytes | Path) -> dict:
     """A video's sampled frames as the tower sees them (small JPEGs) with their indices and times."""
-    video = sample_video(source, 0, session.encoder, session.video_sampling)
+    video = sample_video(source, 0, session.encoder, session.options.video_sampling)
     frames = [{"index": i, "time": t, "image": _jpeg(tile)}
               for i, t, tile in zip(video.frames, video.timestamps, video.tiles, strict=True)]
     return {"kind": "video", "duration": video.duration, "frames": frames,

@@ -204,7 +204,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
                                      media_type="text/event-stream")
         return await _collect(request, events, job, request_id, config.model_name, fmt)
 
-    app.include_router(page.router(session, config))
+    app.include_router(page.router(session, config, read_json))
     return app
 
 
