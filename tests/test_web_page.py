@@ -171,10 +171,37 @@ def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path):
     assert d.find_element("id", "prompt").get_attribute("value") == "Tell me everything."
 
 
-def test_phone_width(server, browser):
+def test_stop_button(server, browser, photo):
+    d = browser
+    _load(d, server)
+    d.find_element("css selector", "#settings summary").click()
+    d.find_element("id", "temperature").clear()
+    d.find_element("id", "temperature").send_keys("0")
+    d.find_element("id", "max-tokens").send_keys("3000")  # greedy runs ~800 tokens (~2 s here) on this question
+    d.find_element("id", "file").send_keys(str(photo))
+    _wait(d, lambda d: len(_css(d, "#tray .tile")) == 5)
+    cancelled = httpx.get(f"{server}/health").json()["cancelled"]
+    d.find_element("id", "prompt").send_keys("What is in the image?\n")
+    answer = _wait(d, lambda d: [a for a in _css(d, "article.assistant")
+                                 if a.find_element("css selector", ".text").text])[0]
+    d.find_element("id", "stop").click()
+    _wait(d, lambda d: answer.find_elements("css selector", ".note"))
+    assert answer.find_element("css selector", ".note").text == "stopped"
+    assert not answer.find_elements("css selector", ".stats"), "stopped before the end: no final chunk"
+    health = _wait(d, lambda d: (h := httpx.get(f"{server}/health").json())["cancelled"] > cancelled and h)
+    assert health["cancelled"] == cancelled + 1 and not health["busy"], "the server stopped generating"
+    assert d.find_element("id", "send").is_enabled() and not d.find_element("id", "stop").is_displayed()
+
+
+def test_phone_width(server, browser, motion_video):
     d = browser
     d.set_window_size(390, 844)
     _load(d, server)
+    d.find_element("id", "file").send_keys(str(motion_video))
+    # A video: the frames the runtime samples, with their times.
+    _wait(d, lambda d: len(_css(d, "#tray .frames figure")) == 16)
+    assert d.find_element("css selector", "#tray .frames figcaption").text == "0.0 s"
+    assert "16 frames sampled over 3.0 s" in d.find_element("css selector", "#tray .attachment > figcaption").text
     assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     box = d.find_element("id", "prompt")
     assert box.size["width"] > 300, "the message box takes the phone's width"
