@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlparse
 from llama3v.errors import Llama3vError
 from llama3v.runtime.grammar import ANY_OBJECT, json_grammar
 from llama3v.runtime.logprobs import MAX_TOP, Alternative, TokenLogprob
+from llama3v.runtime.options import SAMPLING
 from llama3v.runtime.session import Result
 
 
@@ -142,7 +143,7 @@ def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Pat
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def sampling(body: dict, default_max_tokens: int = 256) -> dict:
+def sampling(body: dict, default_max_tokens: int = SAMPLING.max_tokens) -> dict:
     """Session options from an OpenAI request body: sampling, logprobs, the JSON grammar, the room check.
 
     An explicit max_tokens must fit in the context with the prompt (else a 400, as OpenAI answers); without
@@ -224,7 +225,7 @@ def usage(result: Result) -> dict:
 def extension(result: Result) -> dict:
     """llama3v's own measurements of an answer, sent beside OpenAI's fields (docs/serving.md)."""
     return {"timings": result.timings, "n_reused_tokens": result.n_reused, "n_encodes": result.n_encodes,
-            "media": result.media, "tokens": result.tokens}
+            "media": [m.to_json() for m in result.media], "tokens": result.tokens}
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:

@@ -92,10 +92,10 @@ def image_preview(session: Session, source: bytes | Path) -> dict:
     """An image's layout, tiles (boxes in image pixels) and prompt rows, as the session would encode it."""
     o = session.options
     info = describe(image_parts(source, 0, session.encoder, session.cache, o.max_tiles, o.image_layout))
-    layout = TileLayout(info["layout"], tuple(info["grid"]), tuple(info["image_size"]))
+    layout = TileLayout(info.layout, tuple(info.grid), tuple(info.image_size))
     base, tiles = tile_boxes(layout, image_spec(session.encoder, o.max_tiles))
     return {"kind": "image", "width": layout.image_size[0], "height": layout.image_size[1], "layout": layout.kind,
-            "grid": list(layout.grid), "n_tiles": info["n_tiles"], "rows": info["rows"],
+            "grid": list(layout.grid), "n_tiles": info.n_tiles, "rows": info.rows,
             "tower_size": session.encoder.spec.size, "mode": session.encoder.spec.mode,
             "base": list(base), "tiles": [list(b) for b in tiles]}
 

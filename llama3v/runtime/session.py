@@ -24,6 +24,7 @@ from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
 from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
+    MediaInfo,
     Part,
     Progress,
     Rows,
@@ -32,7 +33,7 @@ from llama3v.runtime.media import (
     sample_video,
     video_parts,
 )
-from llama3v.runtime.options import SessionOptions
+from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.prompt import Message, message_from_openai, render
 from llama3v.runtime.video_budget import default_budget
 
@@ -48,7 +49,7 @@ class Result:
     timings: dict[str, float]
     n_reused: int = 0
     n_encodes: int = 0
-    media: list[dict] = field(default_factory=list)
+    media: list[MediaInfo] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
@@ -60,7 +61,8 @@ class Result:
         """The `llama3v run --json` object."""
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "n_prompt_tokens": self.n_prompt_tokens, "finish_reason": self.finish_reason,
-                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes, "media": self.media,
+                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes,
+                "media": [m.to_json() for m in self.media],
                 "timings": self.timings,
                 "decode_tokens_per_s": self.timings.get("decode_tokens_per_s", 0.0)}
 
@@ -167,8 +169,8 @@ class Session:
     def chat(self, messages: list[dict], **sampling: object) -> Generation:
         """Continue a conversation given as OpenAI-style messages (text, image and video parts).
 
-        Sampling: max_tokens=256, temperature=0.8 (0: greedy), top_k=40, top_p=0.95, seed=None,
-        stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
+        Sampling (defaults: runtime/options.py, SAMPLING): max_tokens, temperature (0: greedy), top_k, top_p,
+        seed=None, stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
         all_logits=False (keep prompt logits, for tests), logprobs=None (k: record each token's
         log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
         rule `root`, that constrains the answer), frequency_penalty=0 and presence_penalty=0 (OpenAI's, over
@@ -186,13 +188,14 @@ class Session:
                                "or shorten the prompt")
         return self._start(prompt, [], **sampling)
 
-    def _run(self, messages: list[Message], max_tokens: int = 256, **sampling: object) -> Generation:
+    def _run(self, messages: list[Message], max_tokens: int = SAMPLING.max_tokens, **sampling: object) -> Generation:
         prompt, media_info = self._prepare(messages, max_tokens)
         return self._start(prompt, media_info, max_tokens, **sampling)
 
-    def _start(self, prompt: _Prompt, media_info: list[dict], max_tokens: int = 256, temperature: float = 0.8,
-               top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
-               logit_bias: dict[int, float] | None = None, all_logits: bool = False, logprobs: int | None = None,
+    def _start(self, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int = SAMPLING.max_tokens,
+               temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
+               seed: int | None = None, stop: list[str] | None = None, logit_bias: dict[int, float] | None = None,
+               all_logits: bool = False, logprobs: int | None = None,
                grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                require_room: bool = False) -> Generation:
         n = len(prompt.identities())
@@ -205,7 +208,7 @@ class Session:
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
                                                    all_logits, logprobs))
 
-    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
+    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
@@ -239,14 +242,14 @@ class Session:
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
         if not self.ctx.fits(n + 1):  # the prompt and the answer's first token
-            tiled = any(p.meta.get("n_tiles", 1) > 1 for p in runs if isinstance(p, Rows))
+            tiled = any((p.info.n_tiles or 1) > 1 for p in runs if isinstance(p, Rows))
             knobs = ["raise --n-ctx"] + (["lower --max-tiles"] if tiled else []) + \
                 (["lower --max-video-tokens"] if videos else []) + ["give fewer or smaller media"]
             raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
                                f"{self.ctx.n_ctx}: {', '.join(knobs)}")
         return prompt, [describe(parts) for parts in expanded]
 
-    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
+    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
                 stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
@@ -284,8 +287,6 @@ class Session:
             decode_s = time.perf_counter() - t2
             timings = {"encode_ms": (t1 - t0) * 1e3, "prompt_ms": (t2 - t1) * 1e3, "decode_ms": decode_s * 1e3,
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
-            for info in media_info:
-                info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
                                 logprobs=list(gen.logprobs) if logprobs is not None else None,
