@@ -194,7 +194,6 @@ async function send() {
   const system = $("system").value.trim();
   if (!state.messages.length && system) state.messages.push({role: "system", content: system});
   state.messages.push({role: "user", content: parts});
-  for (const a of state.attachments) a.element.querySelector(".remove").remove();
   const userNode = addMessage("user", ...media.map((a) => a.element), text ? el("div", {class: "text", text}) : null);
   const kept = state.attachments;
   state.attachments = [];
@@ -228,9 +227,13 @@ async function send() {
     $("prompt").value = text;
     state.attachments = kept;
     for (const a of kept) $("tray").append(a.element);
-  } else {
+  } else if (answer.textContent || !stopped) {
     state.messages.push({role: "assistant", content: answer.textContent});
     if (stopped) node.append(el("p", {class: "note", text: "stopped"}));
+  } else {  // stopped before a word came: the question stays unanswered and out of the conversation
+    state.messages.pop();
+    userNode.classList.add("failed");
+    node.append(el("p", {class: "note", text: "stopped"}));
   }
   node.removeAttribute("aria-busy");
   state.controller = null;
