@@ -150,7 +150,7 @@ def test_chat_page_end_to_end(server, browser, photo):
     d.save_screenshot(str(SCREENSHOT))
 
 
-def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path):
+def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path, photo):
     d = browser
     _load(d, server)
     big = tmp_path / "big.png"  # noise does not compress: about 3.6 MB
@@ -160,8 +160,11 @@ def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path):
     problem = _wait(d, lambda d: _css(d, "#tray .problem"))[0]
     assert problem.text == "Error 413: request body over the 2 MiB limit"
     d.find_element("css selector", "#tray .remove").click()
+    assert not _css(d, "#tray .attachment")
 
-    # A context the answer cannot fit in: the API's 400, and the question back in the box to edit.
+    # A context the answer cannot fit in: the API's 400, and the question and its photo back to edit.
+    d.find_element("id", "file").send_keys(str(photo))
+    _wait(d, lambda d: len(_css(d, "#tray .tile")) == 5)
     d.find_element("css selector", "#settings summary").click()
     d.find_element("id", "max-tokens").send_keys("5000")
     d.find_element("id", "prompt").send_keys("Tell me everything.\n")
@@ -169,6 +172,7 @@ def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path):
     assert error.get_attribute("role") == "alert"
     assert error.text.startswith("Error 400: max_tokens 5000 does not fit: the context holds 4096 positions")
     assert d.find_element("id", "prompt").get_attribute("value") == "Tell me everything."
+    assert len(_css(d, "#tray .tile")) == 5 and d.find_element("css selector", "#tray .remove").is_displayed()
 
 
 def test_stop_button(server, browser, photo):
