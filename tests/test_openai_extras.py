@@ -177,3 +177,27 @@ def test_frequency_and_presence_penalties(client, local):
         overruled += raw[tok] < raw.max() - 1e-2
         counts[tok] += 1
     assert overruled >= 1, "the penalties overruled the model's first choice"
+
+
+def test_the_llama_cpp_python_chat_handler_takes_the_same_options(built):
+    from llama_cpp import Llama
+
+    from llama3v.errors import Llama3vError
+    from llama3v.runtime.chat_handler import Llama3vChatHandler
+
+    llm = Llama(model_path=str(built.model), n_ctx=N_CTX, verbose=False,
+                chat_handler=Llama3vChatHandler(str(built.mmproj)))
+    messages = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Say hello."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}}
+    r = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=120, response_format=fmt)
+    assert set(json.loads(r["choices"][0]["message"]["content"])) == {"colour", "count", "moving"}
+    r = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] == 6 and all(len(e["top_logprobs"]) == 2 for e in content)
+    assert all(e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"]) for e in content), "greedy: the top one"
+    streamed = [c["choices"][0]["logprobs"] for c in llm.create_chat_completion(
+        messages=messages, temperature=0, max_tokens=6, logprobs=True, stream=True)]
+    assert [e["logprob"] for lp in streamed if lp for e in lp["content"]] == \
+        pytest.approx([e["logprob"] for e in content], abs=1e-6)
+    with pytest.raises(Llama3vError, match="tools"):
+        llm.create_chat_completion(messages=messages, tools=[{"type": "function", "function": {"name": "f"}}])
