@@ -16,6 +16,7 @@ from llama3v.converters.layouts import LlavaCheckpoint
 from llama3v.converters.quantize import file_type, storage_type
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.progress import Progress
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -74,14 +75,14 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
 
 
 def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-              progress: Callable[[str], None] | None = None) -> None:
+              progress: Progress | None = None) -> None:
     """Convert the checkpoint's decoder and tokenizer into a llama GGUF at `path` (atomically)."""
     cfg = ckpt.config.text
     vocab = load_vocab(ckpt.main, cfg.vocab_size)
     plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(ckpt.root.name)
+        w.add_name(ckpt.name)
         w.add_file_type(file_type(outtype))
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_position_embeddings)

@@ -15,6 +15,7 @@ from llama3v.converters.layouts import LlavaCheckpoint
 from llama3v.converters.quantize import file_type, kept_precision, storage_type
 from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress
 
 
 def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:
@@ -74,7 +75,7 @@ def _projector_plans(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> li
 
 
 def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Progress | None = None) -> None:
     """Convert the checkpoint's vision side into an mmproj GGUF at `path` (atomically)."""
     plans = mmproj_plan(ckpt, outtype)
     cfg = ckpt.config
@@ -83,7 +84,7 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
     kept = kept_precision(plans, outtype)
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(f"{ckpt.root.name} vision")
+        w.add_name(f"{ckpt.name} vision")
         w.add_file_type(file_type(outtype))
         w.add_bool(S.HAS_VISION_ENCODER, True)
         w.add_string(S.PROJECTOR_TYPE, S.PROJECTOR_MLP)

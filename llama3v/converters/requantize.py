@@ -9,7 +9,6 @@ from libggml-base directly (converters/ggml_quants.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from llama3v import gguf_schema as S
 from llama3v.converters.quantize import file_type, kept_precision, parse_outtype, storage_type
 from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress
 
 Q = GGMLQuantizationType
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
@@ -30,7 +30,7 @@ _NOT_COPIED = ("GGUF.", "general.architecture", "general.alignment", S.KEPT_PREC
 
 
 def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: bool = False,
-                      allow_requantize: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+                      allow_requantize: bool = False, progress: Progress | None = None) -> Path:
     """Write mmproj `src` as `outtype` to `dst` (atomically); returns `dst`.
 
     A source with quantized matrices is refused unless `allow_requantize`: their rounding error

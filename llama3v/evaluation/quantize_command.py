@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from llama3v.converters.requantize import requantize_mmproj
-from llama3v.converters.writer import stderr_progress
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
+from llama3v.progress import Progress, bars
 from llama3v.runtime.llm_quantize import quantize_llm
 
 _PREFIX = {"clip": "mmproj", "llama": "model"}  # convert's names: mmproj-<type>.gguf, model-<type>.gguf
@@ -24,7 +23,7 @@ _PREFIX = {"clip": "mmproj", "llama": "model"}  # convert's names: mmproj-<type>
 
 def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, force: bool = False,
                   allow_requantize: bool = False, n_threads: int | None = None,
-                  progress: Callable[[str], None] | None = None) -> Path:
+                  progress: Progress | None = None) -> Path:
     """Write mmproj or LLM `src` as `qtype` to `dst` (default: mmproj-<type>.gguf or model-<type>.gguf beside it)."""
     src = Path(src)
     arch = read_gguf(src).get("general.architecture")
@@ -49,8 +48,6 @@ def quantize_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"quantizing {args.src} to {args.type}", file=sys.stderr)
     out = quantize_file(args.src, args.type, args.output, force=args.force, allow_requantize=args.allow_requantize,
-                        n_threads=args.threads, progress=None if args.quiet else stderr_progress)
-    if not args.quiet:
-        sys.stderr.write("\n")
+                        n_threads=args.threads, progress=bars(args.quiet))
     print(out)
     return 0

@@ -13,10 +13,13 @@ llama-cpp-python's handlers, keeps the KV cache between calls: a follow-up only 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from llama3v.runtime import openai_api as oa
 from llama3v.runtime.session import Session
+
+REMOTE_SWITCH = "pass media=MediaPolicy(any_path=True, allow_remote=True) to Llama3vChatHandler"
 
 
 class Llama3vChatHandler:
@@ -26,8 +29,9 @@ class Llama3vChatHandler:
                  image_layout: str | None = None, media: oa.MediaPolicy | None = None):
         self.mmproj_path = mmproj_path
         self.max_tiles, self.image_layout = max_tiles, image_layout
-        # A library caller's own files are theirs to read; remote URLs stay opt-in.
-        self.media = media or oa.MediaPolicy(any_path=True)
+        # A library caller's own files are theirs to read; remote URLs stay opt-in, and the refusal names
+        # this class's switch, not the server's command-line flag.
+        self.media = replace(media or oa.MediaPolicy(any_path=True), remote_switch=REMOTE_SWITCH)
         self._session: Session | None = None
         self._llama = None
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
+from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.gguf_header import read_tensor
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import check_mmproj, read_gguf
@@ -32,6 +33,8 @@ class VisionEncoder:
         self.path = Path(mmproj_path)
         info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
         self.n_embd = check_mmproj(info)
+        if S.FEATURE_LAYER not in info.kv:
+            warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
         size = int(info.get(S.IMAGE_SIZE))
         self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
         self.tokens_per_tile = self.grid ** 2
@@ -97,3 +100,11 @@ class VisionEncoder:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _missing_feature_layer(path: Path, blocks: int) -> str:
+    """What an mmproj without clip.vision.feature_layer does in libmtmd, and the fix (docs/formats.md)."""
+    return (f"{path} has no clip.vision.feature_layer: libmtmd runs only {blocks - 1} of its {blocks} vision blocks "
+            "(llama.cpp #25817), so its image embeddings are not the checkpoint's. Files from llama.cpp's legacy "
+            f"LLaVA converter need all {blocks}: run `llama3v fix-mmproj {path}` (adds feature_layer = [{blocks}]), "
+            "or convert the checkpoint with `llama3v convert`")
