@@ -94,8 +94,8 @@ def draw_encode_vs_size(per_mmproj: dict[str, tuple[float, float]], path: Path, 
     ax.scatter(sizes, times, zorder=3)
     for label, (size, ms) in per_mmproj.items():
         ax.annotate(label, (size, ms), xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    ax.set_xlim(0, max(sizes) * 1.1)  # room for the labels
+    ax.set_ylim(0, max(times) * 1.1)
     ax.set_xlabel("mmproj size (MiB)")
     ax.set_ylabel("encode time per image (ms, median)")
     ax.set_title(title)
