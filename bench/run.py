@@ -48,7 +48,7 @@ QUESTION = ("Look at the picture carefully and tell me, in a few words, which ob
 def build(name: str) -> Path:
     """The cached GGUF directory of a bench model (built on first use)."""
     from llama3v.converters.convert import convert
-    from llama3v.models.factory import TinySpec, make_checkpoint
+    from llama3v.testing.factory import TinySpec, make_checkpoint
 
     root = cache_dir() / "bench" / name
     out = root / "gguf"
@@ -63,7 +63,7 @@ def build(name: str) -> Path:
     convert(root / "ckpt", out, "f16" if name == "llava-1b" else "f32", "f32" if name != "llava-1b" else "f16",
             force=True)
     if name == "llava-1b":
-        from llama3v.runtime.llm_quantize import quantize_llm
+        from llama3v.quant.llm import quantize_llm
 
         quantize_llm(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m", force=True)
     marker.write_text("ok")
@@ -72,7 +72,7 @@ def build(name: str) -> Path:
 
 def mmproj(out: Path, mtype: str) -> Path:
     """The bench model's mmproj in `mtype`, requantized from its f32 or f16 one on first use."""
-    from llama3v.converters.requantize import requantize_mmproj
+    from llama3v.quant.requantize import requantize_mmproj
 
     path = out / f"mmproj-{mtype}.gguf"
     if not path.exists():

@@ -9,7 +9,7 @@ import pytest
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 

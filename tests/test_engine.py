@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3v.models.factory import TinySpec
+from llama3v.testing.factory import TinySpec
 
 # Widths that are multiples of 32 put the q8_0 matrices in ggml's AMX buffers on AMX CPUs.
 Q8_TOWER = TinySpec(vision_hidden=64, vision_heads=4, vision_ff=160, vision_act="gelu", text_hidden=96,

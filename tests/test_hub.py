@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3v.models.factory import TinySpec
+from llama3v.testing.factory import TinySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the reference needs the optional torch extra")
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only oracle")
 
-from llama3v.converters.config import TextConfig  # noqa: E402
+from llama3v.hf.config import TextConfig  # noqa: E402
 from llama3v.models.llama import rope_inv_freq  # noqa: E402
 from llama3v.models.llava import LlavaReference  # noqa: E402
 

@@ -18,9 +18,9 @@ from llama3v.converters.fix_mmproj import fix_mmproj, rewrite_metadata
 from llama3v.errors import Llama3vWarning
 from llama3v.evaluation.parity import nmse
 from llama3v.gguf_header import read_gguf
-from llama3v.models.factory import TinySpec
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import load_image, prepare_tile
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(vision_layers=4, seed=4)  # feature layer -2: 3 blocks written, feature_layer = [3]
 

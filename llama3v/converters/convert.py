@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llama3v.converters.hub import resolve_checkpoint
-from llama3v.converters.layouts import load_llava
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.hub import resolve_checkpoint
+from llama3v.hf.key_formats import load_llava
 from llama3v.progress import Progress
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
@@ -31,7 +32,8 @@ def convert(
     revision: str | None = None,
 ) -> tuple[Path, Path]:
     """Convert `src` (a checkpoint directory, else a Hub id at `revision`) and return the LLM and mmproj paths."""
-    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
+    model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
+    mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]

@@ -11,12 +11,12 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import TextConfig
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, storage_type
 from llama3v.converters.tokenizer import load_vocab
-from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import TextConfig
+from llama3v.hf.key_formats import LlavaCheckpoint
 from llama3v.progress import Progress
+from llama3v.quant.storage import encode, file_type, storage_type
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -98,4 +98,4 @@ def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         vocab.add_to(w)
 
-    write_gguf(path, S.LLM_ARCH, metadata, plans, progress)
+    write_gguf(path, S.LLM_ARCH, metadata, plans, encode, progress)

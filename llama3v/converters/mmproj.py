@@ -10,12 +10,12 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import VISION_ACTIVATIONS
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, kept_precision, storage_type
-from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import VISION_ACTIVATIONS
+from llama3v.hf.key_formats import LlavaCheckpoint
 from llama3v.progress import Progress
+from llama3v.quant.storage import encode, file_type, kept_precision, storage_type
 
 
 def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:
@@ -111,4 +111,4 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
         w.add_int32(S.SOURCE_FEATURE_LAYER, cfg.vision_feature_layer)
         w.add_array(S.KEPT_PRECISION, kept)
 
-    write_gguf(path, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(path, S.CLIP_ARCH, metadata, plans, encode, progress)

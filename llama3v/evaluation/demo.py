@@ -11,10 +11,10 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.paths import cache_dir
 from llama3v.progress import Progress, bars
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 # Real architecture at small size: CLIP tower with class token (64 patches), mlp2x projector,
 # GQA Llama-3 decoder with llama3 rope scaling, and the real 128k Llama-3 tokenizer.

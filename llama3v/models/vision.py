@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3v.converters.config import VisionConfig
+from llama3v.hf.config import VisionConfig
 
 
 def quick_gelu(x: Tensor) -> Tensor:

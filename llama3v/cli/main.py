@@ -13,9 +13,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-from llama3v import __version__, quant_types
+from llama3v import __version__
 from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.progress import Progress, bars
+from llama3v.quant import types as quant_types
 
 
 class _Media(argparse.Action):
@@ -260,7 +261,7 @@ def _progress(args: argparse.Namespace) -> Progress | None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from llama3v.runtime.embed import embed_to_files
+    from llama3v.cli.embed import embed_to_files
 
     embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads, progress=_progress(args),
                    max_tiles=args.max_tiles, image_layout=args.image_layout, sampling=_sampling(args),
@@ -300,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llama3v.runtime.repl import run_repl
+    from llama3v.cli.repl import run_repl
     from llama3v.runtime.session import Session
 
     try:
@@ -337,7 +338,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from llama3v.evaluation.quantize_command import quantize_command
+    from llama3v.cli.quantize import quantize_command
 
     return quantize_command(args)
 
@@ -361,6 +362,3 @@ def _quant_report(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo,
              "quantize": _quantize, "fix-mmproj": _fix_mmproj, "quant-report": _quant_report}
-
-if __name__ == "__main__":
-    sys.exit(main())

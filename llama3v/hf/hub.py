@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llama3v.errors import Llama3vError
 
-# What converters/checkpoint.py, tokenizer.py and layouts.py read beside the weights.
+# What hf/checkpoint.py, hf/key_formats.py and converters/tokenizer.py read beside the weights.
 METADATA_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja", "chat_template.json")
 SAFETENSORS_FILES = ("*.safetensors", "model.safetensors.index.json")
