@@ -8,7 +8,7 @@ Models (random weights, real shapes; built once and cached under the llama3v cac
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
             the decoder in f16 and q4_k_m
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
-interleaved runs (A B A B ... after a warm-up): medians with min and max (DESIGN.md, benchmarks).
+interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
 """
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from llama3v.paths import cache_dir  # noqa: E402
+from llama3v.paths import TEST_MEDIA, cache_dir  # noqa: E402
 
 VITL = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336, patch_size=14)
 SIGLIP = dict(vision="siglip", vision_hidden=1152, vision_heads=16, vision_layers=27, vision_ff=4304, image_size=384,
@@ -107,7 +107,7 @@ def ratio(a: list[float], b: list[float]) -> dict:
 
 
 def _image() -> Path:
-    photo = ROOT.parent / "shared" / "testdata" / "photo.jpeg"
+    photo = TEST_MEDIA / "photo.jpeg"
     if photo.is_file():
         return photo
     from llama3v.evaluation.scenes import scene
@@ -257,7 +257,7 @@ def section_video(threads: int, rounds: int) -> dict:
     from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
     from llama3v.runtime.video import Sampling, VideoReader
 
-    clip = ROOT.parent / "shared" / "testdata" / "clip.mp4"
+    clip = TEST_MEDIA / "clip.mp4"
     if not clip.is_file():
         sys.path.insert(0, str(ROOT / "bench"))
         from video import make_clip

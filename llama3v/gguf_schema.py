@@ -26,7 +26,7 @@ FEATURE_LAYER = "clip.vision.feature_layer"
 GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
 PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"
 
-# libmtmd reads these with a fixed type and aborts the process on any other (DESIGN.md), so the
+# libmtmd reads these with a fixed type and aborts the process on any other (docs/security.md), so the
 # runtime checks them before libmtmd sees a file.
 MMPROJ_REQUIRED: dict[str, GGUFValueType] = {
     HAS_VISION_ENCODER: GGUFValueType.BOOL,

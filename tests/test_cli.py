@@ -1,4 +1,4 @@
-"""The CLI contract (DESIGN.md): names, outputs and JSON fields scripts rely on."""
+"""The CLI contract (README.md, docs/architecture.md): names, outputs and JSON fields scripts rely on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The llama.cpp path held to the PyTorch reference within DESIGN's bounds: embeddings and greedy generation."""
+"""The llama.cpp path held to the PyTorch reference within the bounds of docs/fidelity.md: embeddings, generation."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_random_towers_depend_on_the_image(tiny, references, picture, scenes_dir
     assert nmse(a, b) > 1000 * BOUNDS["f32"]
 
 
-# Seeds are chosen (DESIGN, test quality rules) so that tokens vary and every compared top-1 has a
+# Seeds are chosen (CONTRIBUTING.md, tests) so that tokens vary and every compared top-1 has a
 # margin over the measured numeric error: ggml's fp16 GELU tables put ~5e-4 relative error on the
 # image rows (NMSE ~4e-7, within the F32 bound), which reaches the logits as ~1e-2.
 E2E = {

@@ -1,9 +1,8 @@
 """`llama3v quantize`: one GGUF in, the same kind of file in another type out.
 
-An mmproj (architecture `clip`) goes through the converter's requantizer, whose kept-precision
-rule it shares with `convert`; an LLM (architecture `llama`) through llama.cpp's own quantizer.
-This dispatch uses both the converters and the runtime, so it lives here (DESIGN: only
-`evaluation` and `cli.py` import every room); it imports no torch.
+An mmproj (architecture `clip`) goes through quant/requantize.py, whose kept-precision rule it
+shares with `convert`; an LLM (architecture `llama`) through llama.cpp's own quantizer (quant/llm.py).
+It imports no torch.
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ def convert(
     # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
     ckpt = load_llava(root, tower, name=Path(src).name)
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
-    mmproj_plan(ckpt, mmproj_type)
-    llm_plan(ckpt, model_type)
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    mmproj_plans = mmproj_plan(ckpt, mmproj_type)
+    llm_plans = llm_plan(ckpt, model_type)
+    vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
     outdir.mkdir(parents=True, exist_ok=True)
-    write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    write_llm(ckpt, model_path, model_type, progress)
+    write_mmproj(ckpt, mmproj_path, mmproj_type, mmproj_plans, progress)
+    write_llm(ckpt, model_path, model_type, llm_plans, vocab, progress)
     return model_path, mmproj_path

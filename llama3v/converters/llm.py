@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.tokenizer import load_vocab
+from llama3v.converters.tokenizer import Vocab
 from llama3v.gguf_writer import TensorPlan, write_gguf
 from llama3v.hf.config import TextConfig
 from llama3v.hf.key_formats import LlavaCheckpoint
@@ -74,12 +74,10 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
     return lambda: permute_rotary(ckpt.get(src), n_head)
 
 
-def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-              progress: Progress | None = None) -> None:
-    """Convert the checkpoint's decoder and tokenizer into a llama GGUF at `path` (atomically)."""
+def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
+              vocab: Vocab, progress: Progress | None = None) -> None:
+    """Write the checkpoint's decoder (`llm_plan`'s tensors) and tokenizer as a llama GGUF at `path` (atomically)."""
     cfg = ckpt.config.text
-    vocab = load_vocab(ckpt.main, cfg.vocab_size)
-    plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(ckpt.name)

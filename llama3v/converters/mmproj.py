@@ -74,10 +74,9 @@ def _projector_plans(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> li
     return [TensorPlan(name, shape, storage_type(name, shape, outtype), fn) for name, shape, fn in specs]
 
 
-def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
+def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
                  progress: Progress | None = None) -> None:
-    """Convert the checkpoint's vision side into an mmproj GGUF at `path` (atomically)."""
-    plans = mmproj_plan(ckpt, outtype)
+    """Write the checkpoint's vision side (`mmproj_plan`'s tensors) as an mmproj GGUF at `path` (atomically)."""
     cfg = ckpt.config
     v = cfg.vision
     use_gelu, use_silu = VISION_ACTIVATIONS[v.hidden_act]

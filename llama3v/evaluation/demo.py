@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.paths import cache_dir
+from llama3v.paths import TEST_MEDIA, cache_dir
 from llama3v.progress import Progress, bars
 from llama3v.runtime.session import Session
 from llama3v.testing.factory import TinySpec, make_checkpoint
@@ -23,7 +23,7 @@ DEMO_SPEC = TinySpec(vision_hidden=128, vision_heads=4, vision_layers=4, vision_
                      rope_theta=500000.0, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 8192},
                      vocab="llama3", seed=0)
 QUESTION = "What is in this image?"
-PHOTO = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "photo.jpeg"
+PHOTO = TEST_MEDIA / "photo.jpeg"  # a drawn scene stands in where the package runs without its checkout
 
 
 def build_demo_model(workdir: Path, say: callable, progress: Progress | None = None) -> tuple[Path, Path, Path]:

@@ -33,7 +33,7 @@ def gelu_new(x: Tensor) -> Tensor:
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": quick_gelu,
-    "gelu": F.gelu,  # erf-exact, as HF; ggml approximates it (DESIGN.md, fidelity)
+    "gelu": F.gelu,  # erf-exact, as HF; ggml approximates it (docs/fidelity.md)
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu_new": gelu_new,
     "silu": F.silu,
