@@ -48,6 +48,11 @@ def test_convert_draws_bars_on_a_terminal_and_nothing_when_piped(tiny, tmp_path)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    quiet = pexpect.spawn(sys.executable, ["-m", "llama3v.cli", "convert", str(ckpt), "-o", str(tmp_path / "q"), "-q"],
+                          encoding="utf-8", timeout=120)
+    quiet.expect(pexpect.EOF)
+    quiet.close()
+    assert quiet.exitstatus == 0 and "writing" not in quiet.before and "mmproj-f16.gguf" in quiet.before
     r = subprocess.run([sys.executable, "-m", "llama3v.cli", "convert", str(ckpt), "-o", str(tmp_path / "pipe")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == "", "stderr is not a terminal: no progress output"
