@@ -178,7 +178,7 @@ def test_too_many_tiles_for_the_context_names_the_knobs(tiny, picture):
     with Session(built.model, built.mmproj, n_ctx=256, max_tiles=6) as s:
         with pytest.raises(Llama3vError, match=r"needs \d+ positions .* lower --max-tiles"):
             s.generate("<image> <image> <image>", images=[picture] * 3)
-        s.max_tiles = None
+        s.options.max_tiles = None
         assert len(s.generate("<image> <image> <image>", images=[picture] * 3, max_tokens=1).wait().tokens) == 1
 
 
