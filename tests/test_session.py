@@ -207,3 +207,16 @@ def test_a_context_past_the_trained_length_warns(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Session(built.model, n_ctx=256).close()
+
+
+def test_media_info_records_what_an_image_became(built, picture):
+    with _session(built) as s:
+        first = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=2).wait()
+        again = s.generate("Describe <image> again.", images=[picture], temperature=0, max_tokens=2).wait()
+    (info,) = first.media
+    assert (info.kind, info.layout, info.n_tiles, info.rows) == ("image", "single", 1, 16)
+    assert info.encode_ms == sum(info.tile_encode_ms) > 0
+    assert again.media[0].encode_ms == 0, "a cache hit encodes nothing"
+    assert first.to_json()["media"] == [{"media": 0, "kind": "image", "layout": "single", "grid": [0, 0], "n_tiles": 1,
+                                         "tile_encode_ms": info.tile_encode_ms, "rows": 16,
+                                         "encode_ms": info.encode_ms}]

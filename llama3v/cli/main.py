@@ -293,10 +293,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.verbose:
             t = result.timings
             for m in result.media:
-                per_tile = ", ".join(f"{ms:.0f}" for ms in m.get("tile_encode_ms", []))
-                shape = (f"{m['frames_kept']}/{m['n_frames']} frames kept, pooled {m['pooled']}" if m["kind"] == "video"
-                         else f"{m.get('layout')} grid {m.get('grid')}, {m.get('n_tiles')} tiles")
-                print(f"{m['kind']} {m['media']}: {shape}, {m['rows']} rows, encode ms per tile/frame [{per_tile}]",
+                per_tile = ", ".join(f"{ms:.0f}" for ms in m.tile_encode_ms)
+                shape = (f"{m.frames_kept}/{m.n_frames} frames kept, pooled {m.pooled}" if m.kind == "video"
+                         else f"{m.layout} grid {m.grid}, {m.n_tiles} tiles")
+                print(f"{m.kind} {m.media}: {shape}, {m.rows} rows, encode ms per tile/frame [{per_tile}]",
                       file=sys.stderr)
             print(f"prompt {result.n_prompt_tokens} tokens, encode {t['encode_ms']:.0f} ms, "
                   f"prompt {t['prompt_ms']:.0f} ms, decode {len(result.tokens)} tokens "

@@ -1,10 +1,10 @@
-"""Recognise the layouts LLaVA checkpoints come in and present one canonical view of them.
+"""Recognise the key formats LLaVA checkpoints are saved in and present one canonical view of them.
 
 Canonical tensor names are HF's module names below a fixed root:
   vision.*     the CLIP/SigLIP vision transformer (embeddings, pre_layrnorm, encoder.layers.N...)
   projector.*  linear_1 (and linear_2 for an MLP projector)
   text.*       the Llama decoder (embed_tokens, layers.N..., norm); lm_head.weight
-Layouts covered: llava-hf as saved by transformers 4.x (`vision_tower.vision_model.*`,
+Key formats covered: llava-hf as saved by transformers 4.x (`vision_tower.vision_model.*`,
 `language_model.model.*`) and 5.x (`vision_tower.*`, `model.language_model.*` or
 `language_model.model.*`), and the original LLaVA / xtuner / Bunny layout (`model.mm_projector.*`,
 `model.vision_tower.vision_tower.vision_model.*`, the tower possibly in its own directory).

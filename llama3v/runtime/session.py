@@ -24,6 +24,7 @@ from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
 from llama3v.runtime.media import (
     EncodeCache,
+    MediaInfo,
     Part,
     Rows,
     describe,
@@ -47,7 +48,7 @@ class Result:
     timings: dict[str, float]
     n_reused: int = 0
     n_encodes: int = 0
-    media: list[dict] = field(default_factory=list)
+    media: list[MediaInfo] = field(default_factory=list)
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -58,7 +59,8 @@ class Result:
         """The `llama3v run --json` object."""
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "n_prompt_tokens": self.n_prompt_tokens, "finish_reason": self.finish_reason,
-                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes, "media": self.media,
+                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes,
+                "media": [m.to_json() for m in self.media],
                 "timings": self.timings,
                 "decode_tokens_per_s": self.timings.get("decode_tokens_per_s", 0.0)}
 
@@ -178,7 +180,7 @@ class Session:
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
                                                    all_logits))
 
-    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
+    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
@@ -212,14 +214,14 @@ class Session:
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
         if not self.ctx.fits(n + 1):  # the prompt and the answer's first token
-            tiled = any(p.meta.get("n_tiles", 1) > 1 for p in runs if isinstance(p, Rows))
+            tiled = any((p.info.n_tiles or 1) > 1 for p in runs if isinstance(p, Rows))
             knobs = ["raise --n-ctx"] + (["lower --max-tiles"] if tiled else []) + \
                 (["lower --max-video-tokens"] if videos else []) + ["give fewer or smaller media"]
             raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
                                f"{self.ctx.n_ctx}: {', '.join(knobs)}")
         return prompt, [describe(parts) for parts in expanded]
 
-    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
+    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
                 stop: list[str], all_logits: bool) -> Iterator[str]:
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
@@ -255,8 +257,6 @@ class Session:
             decode_s = time.perf_counter() - t2
             timings = {"encode_ms": (t1 - t0) * 1e3, "prompt_ms": (t2 - t1) * 1e3, "decode_ms": decode_s * 1e3,
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
-            for info in media_info:
-                info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
