@@ -96,7 +96,8 @@ def _help(*command: str) -> tuple[set[str], list[str]]:
 
 # The contract (README.md): each command's options and positionals; commands may add more, never lose one.
 CONTRACT = {
-    "convert": ({"-o", "--outdir", "--outtype", "--mmproj-outtype", "--model-outtype", "--force"}, ["src"]),
+    "convert": ({"-o", "--outdir", "--outtype", "--mmproj-outtype", "--model-outtype", "--force", "--revision"},
+                ["src"]),
     "embed": ({"--mmproj", "--image", "--video", "--max-tiles", "--max-video-tokens", "-o", "--output"}, []),
     "run": ({"--model", "--mmproj", "--image", "--video", "-p", "--prompt", "-n", "--n-predict", "--temp", "--top-k",
              "--top-p", "--seed", "--max-tiles", "--max-video-tokens", "--n-ctx", "--threads", "--json", "--system",
@@ -104,6 +105,7 @@ CONTRACT = {
     "chat": ({"--model", "--mmproj", "--system", "-n", "--temp", "--seed", "--max-tiles", "--n-ctx", "--threads"}, []),
     "serve": ({"--model", "--mmproj", "--host", "--port", "--api-key", "--allowed-root", "--max-tiles", "--n-ctx"}, []),
     "quantize": ({"-o", "--output", "--force", "--allow-requantize", "--threads"}, ["src", "type"]),
+    "fix-mmproj": ({"-o", "--output"}, ["mmproj"]),
     "quant-report": ({"--mmproj-types", "--model-types", "--image", "-p", "--prompt", "-n", "-o", "--outdir"}, ["src"]),
     "demo": ({"--workdir"}, []),
 }

@@ -279,8 +279,9 @@ def test_quant_report_on_a_tiny_model(tiny, picture, tmp_path, monkeypatch):
     assert len(table) == 6 and float(table[0]["kl_mean"]) == 0.0
     markdown = (out / "quant-report.md").read_text()
     assert markdown.count("\n| q4_k | ") == 3 and "| f32 | q8_0 |" in markdown
-    with Image.open(out / "quant-report.png") as png:
-        assert png.size == (960, 640) and len(png.getcolors(1 << 16)) > 5
+    for name in ("quant-report.png", "quant-report-encode.png"):
+        with Image.open(out / name) as png:
+            assert png.size == (960, 480) and len(png.getcolors(1 << 16)) > 5
 
     # Cached per combination: a rerun measures only what is missing.
     calls = []

@@ -9,11 +9,11 @@ import numpy as np
 
 from llama3v.atomic import atomic_output
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import (
     EncodeCache,
     Part,
-    Progress,
     Rows,
     describe,
     image_parts,

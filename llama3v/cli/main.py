@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llama3v import __version__
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress, bars
 from llama3v.quant import types as quant_types
 from llama3v.runtime.options import CONVERSATION_MAX_TOKENS, SAMPLING, SessionOptions
 from llama3v.runtime.video import Sampling
@@ -83,14 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a LLaVA-style Hugging Face checkpoint into OUTDIR/model-<type>.gguf "
                        "(Llama-3 decoder, tokenizer, chat template) and OUTDIR/mmproj-<type>.gguf "
                        "(vision tower + projector in llama.cpp's mmproj format).")
-    p.add_argument("src", type=Path, help="checkpoint directory (config.json + safetensors or .bin)")
+    p.add_argument("src", help="checkpoint directory (config.json + safetensors or .bin), or a Hugging Face Hub id "
+                   "(org/name; fetched into the Hugging Face cache, only the files the converter reads)")
+    p.add_argument("--revision", help="Hub ids: a branch, tag or commit (default: main)")
     p.add_argument("-o", "--outdir", type=Path, required=True, help="output directory")
     p.add_argument("--outtype", default="f16", choices=quant_types.CONVERT_LLM_TYPES,
                    help="type of both files (f16)")
     p.add_argument("--model-outtype", choices=quant_types.CONVERT_LLM_TYPES,
                    help="type of the LLM file (other LLM types: `llama3v quantize`)")
     p.add_argument("--mmproj-outtype", choices=quant_types.MMPROJ_TYPES, help="type of the mmproj file")
-    p.add_argument("--vision-tower", type=Path, help="directory of the vision tower when it is not in SRC")
+    p.add_argument("--vision-tower", help="directory (or Hub id) of the vision tower when it is not in SRC")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
     p = sub.add_parser("embed", parents=[common], help="write the media embeddings that enter the context",
@@ -176,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept an mmproj that is already quantized (its error adds to the new type's)")
     _add_runtime(p)
 
+    p = sub.add_parser("fix-mmproj", parents=[common], help="add the feature layer key an upstream mmproj lacks",
+                       description="An mmproj without clip.vision.feature_layer (as llama.cpp's legacy LLaVA "
+                       "converter writes) runs one vision block short in libmtmd (llama.cpp #25817). This adds "
+                       "feature_layer = [block_count], so every block the file holds runs; tensors are copied "
+                       "byte for byte. The file is rewritten atomically in place unless -o is given.")
+    p.add_argument("mmproj", type=Path, help="mmproj GGUF")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the fixed file here instead")
+
     p = sub.add_parser("quant-report", parents=[common], help="measure every quantization combination",
                        description="Convert SRC to f32 GGUFs in OUTDIR/gguf, derive each mmproj and model type, "
                        "and measure per combination: file sizes, encode time per image, image-embedding NMSE "
@@ -246,13 +257,10 @@ def _session(args: argparse.Namespace, progress=None, **media: object):  # -> ll
 
 def _convert(args: argparse.Namespace) -> int:
     from llama3v.converters.convert import convert
-    from llama3v.gguf_writer import stderr_progress
 
     model, mmproj = convert(args.src, args.outdir, args.model_outtype or args.outtype,
                             args.mmproj_outtype or args.outtype, vision_tower=args.vision_tower, force=args.force,
-                            progress=None if args.quiet else stderr_progress)
-    if not args.quiet:
-        sys.stderr.write("\n")
+                            revision=args.revision, progress=bars(args.quiet))
     print(model)
     print(mmproj)
     return 0
@@ -262,16 +270,9 @@ def _sampling(args: argparse.Namespace) -> Sampling:
     return Sampling(frames=args.video_frames, fps=args.video_fps, start=args.video_start, end=args.video_end)
 
 
-def _progress(args: argparse.Namespace):  # -> a progress callback or None
-    """A progress line on stderr for decodes and encodes, unless --quiet or --json."""
-    if args.quiet or getattr(args, "json", False):
-        return None
-
-    def show(what: str, done: int, total: int) -> None:
-        sys.stderr.write(f"\r\033[K{what}: {done}/{total}" + ("\n" if done >= total else ""))
-        sys.stderr.flush()
-
-    return show
+def _progress(args: argparse.Namespace) -> Progress | None:
+    """Bars on stderr for encodes and video sampling, unless --quiet or --json."""
+    return bars(args.quiet or getattr(args, "json", False))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -350,6 +351,17 @@ def _quantize(args: argparse.Namespace) -> int:
     return quantize_command(args)
 
 
+def _fix_mmproj(args: argparse.Namespace) -> int:
+    from llama3v.converters.fix_mmproj import fix_mmproj
+
+    path, added = fix_mmproj(args.mmproj, args.output)
+    if not args.quiet:
+        print(f"{path}: added clip.vision.feature_layer = {added}" if added else
+              f"{path} already has clip.vision.feature_layer; nothing to do", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def _quant_report(args: argparse.Namespace) -> int:
     from llama3v.evaluation.quant_report import quant_report_command
 
@@ -357,4 +369,4 @@ def _quant_report(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo,
-             "quantize": _quantize, "quant-report": _quant_report}
+             "quantize": _quantize, "fix-mmproj": _fix_mmproj, "quant-report": _quant_report}

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
-from llama3v.gguf_writer import stderr_progress
+from llama3v.progress import Progress, bars
 from llama3v.quant.llm import quantize_llm
 from llama3v.quant.requantize import requantize_mmproj
 
@@ -23,7 +22,7 @@ _PREFIX = {"clip": "mmproj", "llama": "model"}  # convert's names: mmproj-<type>
 
 def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, force: bool = False,
                   allow_requantize: bool = False, n_threads: int | None = None,
-                  progress: Callable[[str], None] | None = None) -> Path:
+                  progress: Progress | None = None) -> Path:
     """Write mmproj or LLM `src` as `qtype` to `dst` (default: mmproj-<type>.gguf or model-<type>.gguf beside it)."""
     src = Path(src)
     arch = read_gguf(src).get("general.architecture")
@@ -48,8 +47,6 @@ def quantize_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"quantizing {args.src} to {args.type}", file=sys.stderr)
     out = quantize_file(args.src, args.type, args.output, force=args.force, allow_requantize=args.allow_requantize,
-                        n_threads=args.threads, progress=None if args.quiet else stderr_progress)
-    if not args.quiet:
-        sys.stderr.write("\n")
+                        n_threads=args.threads, progress=bars(args.quiet))
     print(out)
     return 0

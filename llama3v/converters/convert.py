@@ -1,15 +1,17 @@
-"""Convert a LLaVA-style Hugging Face checkpoint into `model-<type>.gguf` and `mmproj-<type>.gguf`."""
+"""Convert a LLaVA-style Hugging Face checkpoint (a directory or a Hub id) into `model-<type>.gguf` and
+`mmproj-<type>.gguf`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.hub import resolve_checkpoint
 from llama3v.hf.key_formats import load_llava
+from llama3v.progress import Progress
 from llama3v.quant.storage import parse_outtype
 from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
@@ -26,9 +28,10 @@ def convert(
     mmproj_outtype: str = "f16",
     vision_tower: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    revision: str | None = None,
 ) -> tuple[Path, Path]:
-    """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
+    """Convert `src` (a checkpoint directory, else a Hub id at `revision`) and return the LLM and mmproj paths."""
     model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
     mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
@@ -37,7 +40,10 @@ def convert(
     if existing and not force:
         raise Llama3vError(f"{', '.join(existing)} already exists; pass --force to overwrite")
 
-    ckpt = load_llava(src, vision_tower)
+    root = resolve_checkpoint(src, revision)
+    tower = resolve_checkpoint(vision_tower) if vision_tower is not None else None
+    # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
+    ckpt = load_llava(root, tower, name=Path(src).name)
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
     mmproj_plans = mmproj_plan(ckpt, mmproj_type)
     llm_plans = llm_plan(ckpt, model_type)

@@ -15,6 +15,7 @@ from llama3v.converters.tokenizer import Vocab
 from llama3v.gguf_writer import TensorPlan, write_gguf
 from llama3v.hf.config import TextConfig
 from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.progress import Progress
 from llama3v.quant.storage import encode, file_type, storage_type
 
 
@@ -74,12 +75,12 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
 
 
 def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
-              vocab: Vocab, progress: Callable[[str], None] | None = None) -> None:
+              vocab: Vocab, progress: Progress | None = None) -> None:
     """Write the checkpoint's decoder (`llm_plan`'s tensors) and tokenizer as a llama GGUF at `path` (atomically)."""
     cfg = ckpt.config.text
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(ckpt.root.name)
+        w.add_name(ckpt.name)
         w.add_file_type(file_type(outtype))
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_position_embeddings)

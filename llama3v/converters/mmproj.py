@@ -14,6 +14,7 @@ from llama3v.errors import Llama3vError
 from llama3v.gguf_writer import TensorPlan, write_gguf
 from llama3v.hf.config import VISION_ACTIVATIONS
 from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.progress import Progress
 from llama3v.quant.storage import encode, file_type, kept_precision, storage_type
 
 
@@ -74,7 +75,7 @@ def _projector_plans(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> li
 
 
 def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Progress | None = None) -> None:
     """Write the checkpoint's vision side (`mmproj_plan`'s tensors) as an mmproj GGUF at `path` (atomically)."""
     cfg = ckpt.config
     v = cfg.vision
@@ -82,7 +83,7 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
     kept = kept_precision(plans, outtype)
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(f"{ckpt.root.name} vision")
+        w.add_name(f"{ckpt.name} vision")
         w.add_file_type(file_type(outtype))
         w.add_bool(S.HAS_VISION_ENCODER, True)
         w.add_string(S.PROJECTOR_TYPE, S.PROJECTOR_MLP)

@@ -12,6 +12,7 @@ from pathlib import Path
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
 from llama3v.paths import TEST_MEDIA, cache_dir
+from llama3v.progress import Progress, bars
 from llama3v.runtime.session import Session
 from llama3v.testing.factory import TinySpec, make_checkpoint
 
@@ -25,7 +26,7 @@ QUESTION = "What is in this image?"
 PHOTO = TEST_MEDIA / "photo.jpeg"  # a drawn scene stands in where the package runs without its checkout
 
 
-def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
+def build_demo_model(workdir: Path, say: callable, progress: Progress | None = None) -> tuple[Path, Path, Path]:
     """Build (or reuse) the demo checkpoint and its f32 GGUFs; returns (checkpoint, model, mmproj)."""
     ckpt, out = workdir / "checkpoint", workdir / "gguf"
     spec_file = ckpt / "llama3v_spec.json"
@@ -34,8 +35,8 @@ def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
     if not (fresh and model.is_file() and mmproj.is_file()):
         say(f"building the demo checkpoint in {ckpt} (random weights, real Llama-3 tokenizer)")
         t0 = time.perf_counter()
-        make_checkpoint(ckpt, DEMO_SPEC, "hf-5")
-        convert(ckpt, out, "f32", "f32", force=True)
+        make_checkpoint(ckpt, DEMO_SPEC, "hf-5", progress=progress)
+        convert(ckpt, out, "f32", "f32", force=True, progress=progress)
         say(f"built and converted in {time.perf_counter() - t0:.1f} s")
     return ckpt, model, mmproj
 
@@ -49,7 +50,7 @@ def run_demo(workdir: Path | None = None, quiet: bool = False) -> int:
         if not quiet:
             print(f"[demo] {msg}", file=sys.stderr)
 
-    ckpt, model, mmproj = build_demo_model(workdir, say)
+    ckpt, model, mmproj = build_demo_model(workdir, say, bars(quiet))
     image = PHOTO if PHOTO.is_file() else workdir / "scene.png"
     if image != PHOTO:
         scene(0, 640, 480).save(image)

@@ -69,6 +69,7 @@ class LlavaCheckpoint:
     key_format: str  # "llava-hf" or "llava-original"
     main: Checkpoint  # the directory holding config, tokenizer and (most) weights
     _sources: dict[str, tuple[Checkpoint, str]] = field(repr=False)
+    name: str = ""  # the model's name in the GGUFs (general.name)
 
     @property
     def root(self) -> Path:
@@ -103,8 +104,9 @@ class LlavaCheckpoint:
         return self._sources[name]
 
 
-def load_llava(src: str | Path, vision_tower: str | Path | None = None) -> LlavaCheckpoint:
-    """Open a LLaVA-style checkpoint directory (and, optionally, a separate vision tower directory)."""
+def load_llava(src: str | Path, vision_tower: str | Path | None = None, name: str | None = None) -> LlavaCheckpoint:
+    """Open a LLaVA-style checkpoint directory (and, optionally, a separate vision tower directory); `name`
+    (default: the directory's) is the model's name in the GGUFs."""
     main = open_checkpoint(src)
     cfg = main.config
     if "vision_config" in cfg and "text_config" in cfg and cfg.get("model_type", "llava") in ("llava", "llava_next"):
@@ -132,7 +134,8 @@ def load_llava(src: str | Path, vision_tower: str | Path | None = None) -> Llava
         config = _original_config(main, tower, sources)
     if config.patch_merge == "spatial_unpad" and "image_newline" not in sources:
         raise Llama3vError(f"{main.root}: a LLaVA-NeXT checkpoint without its image_newline tensor")
-    return LlavaCheckpoint(config=config, key_format=key_format, main=main, _sources=sources)
+    return LlavaCheckpoint(config=config, key_format=key_format, main=main, _sources=sources,
+                           name=name or main.root.name)
 
 
 def _local_tower(main: Checkpoint) -> Checkpoint | None:

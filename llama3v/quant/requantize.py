@@ -8,7 +8,6 @@ encoding, and gets that from libggml-base directly (quant/ggml_quants.py), not t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from gguf.gguf_reader import ReaderTensor
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.progress import Progress
 from llama3v.quant.storage import encode, file_type, kept_precision, parse_outtype, storage_type
 
 Q = GGMLQuantizationType
@@ -29,7 +29,7 @@ _NOT_COPIED = ("GGUF.", "general.architecture", "general.alignment", S.KEPT_PREC
 
 
 def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: bool = False,
-                      allow_requantize: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+                      allow_requantize: bool = False, progress: Progress | None = None) -> Path:
     """Write mmproj `src` as `outtype` to `dst` (atomically); returns `dst`.
 
     A source with quantized matrices is refused unless `allow_requantize`: their rounding error

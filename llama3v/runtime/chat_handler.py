@@ -20,6 +20,8 @@ from llama3v.runtime import openai_api as oa
 from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.session import Session
 
+REMOTE_SWITCH = "pass media=MediaPolicy(any_path=True, allow_remote=True) to Llama3vChatHandler"
+
 
 class Llama3vChatHandler:
     """llama-cpp-python chat handler backed by a llama3v Session."""
@@ -30,8 +32,9 @@ class Llama3vChatHandler:
         and threads are the Llama's."""
         self.mmproj_path = mmproj_path
         self.options = replace(options or SessionOptions(), **overrides)
-        # A library caller's own files are theirs to read; remote URLs stay opt-in.
-        self.media = media or oa.MediaPolicy(any_path=True)
+        # A library caller's own files are theirs to read; remote URLs stay opt-in, and the refusal names
+        # this class's switch, not the server's command-line flag.
+        self.media = replace(media or oa.MediaPolicy(any_path=True), remote_switch=REMOTE_SWITCH)
         self._session: Session | None = None
         self._llama = None
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
+from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.gguf_header import read_tensor
 from llama3v.runtime import engine, selfcheck
 from llama3v.runtime.gguf_check import check_mmproj, read_gguf
@@ -35,6 +36,8 @@ class VisionEncoder:
         self.path = Path(mmproj_path)
         info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
         self.n_embd = check_mmproj(info)
+        if S.FEATURE_LAYER not in info.kv:
+            warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
         size = int(info.get(S.IMAGE_SIZE))
         self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
         self.tokens_per_tile = self.grid ** 2
@@ -125,3 +128,11 @@ def require_fixed_engine() -> None:
         raise Llama3vError(selfcheck.INSTALL_HINT)
     if verdict == selfcheck.UNEXPECTED:
         raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + selfcheck.INSTALL_HINT)
+
+
+def _missing_feature_layer(path: Path, blocks: int) -> str:
+    """What an mmproj without clip.vision.feature_layer does in libmtmd, and the fix (docs/formats.md)."""
+    return (f"{path} has no clip.vision.feature_layer: libmtmd runs only {blocks - 1} of its {blocks} vision blocks "
+            "(llama.cpp #25817), so its image embeddings are not the checkpoint's. Files from llama.cpp's legacy "
+            f"LLaVA converter need all {blocks}: run `llama3v fix-mmproj {path}` (adds feature_layer = [{blocks}]), "
+            "or convert the checkpoint with `llama3v convert`")

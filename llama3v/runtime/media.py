@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llama3v.progress import Progress
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput, ImageSpec, load_image, prepare_tile, process_image
 from llama3v.runtime.tile_arrangement import arrange_anyres, n_rows, slice_separators
 from llama3v.runtime.video import Sampling, VideoReader
 from llama3v.runtime.video_budget import DEFAULT_MEASURE, plan_budget, timestamp_text
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 class EncodeCache:

@@ -43,6 +43,7 @@ class MediaPolicy:
     max_bytes: int = 64 << 20
     timeout_s: float = 20.0
     tmpdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    remote_switch: str = "start the server with --allow-remote"  # how this policy's owner turns remote URLs on
 
 
 def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> bytes | Path:
@@ -57,7 +58,7 @@ def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> b
         data = _data_uri(url, policy)
     elif scheme in ("http", "https"):
         if not policy.allow_remote:
-            raise RequestError("remote media URLs are disabled on this server (start it with --allow-remote)", 403)
+            raise RequestError(f"remote media URLs are disabled ({policy.remote_switch})", 403)
         data = _download(url, policy)
     elif scheme in ("", "file"):
         return _local(unquote(urlparse(url).path) if scheme == "file" else url, kind, policy)

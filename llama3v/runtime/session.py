@@ -18,6 +18,7 @@ import numpy as np
 
 from llama3v.errors import Llama3vError
 from llama3v.llama3_format import LLAMA3_TEMPLATE
+from llama3v.progress import Progress
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
@@ -26,7 +27,6 @@ from llama3v.runtime.media import (
     EncodeCache,
     MediaInfo,
     Part,
-    Progress,
     Rows,
     describe,
     image_parts,
