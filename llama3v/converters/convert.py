@@ -1,13 +1,16 @@
-"""Convert a LLaVA-style Hugging Face checkpoint into `model-<type>.gguf` and `mmproj-<type>.gguf`."""
+"""Convert a Hugging Face checkpoint (LLaVA-style or mllama) into `model-<type>.gguf` and `mmproj-<type>.gguf`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from llama3v.converters.layouts import load_llava
-from llama3v.converters.llm import llm_plan, write_llm
-from llama3v.converters.mmproj import mmproj_plan, write_mmproj
+from llama3v.converters import llm as llava_llm
+from llama3v.converters import mllama_gguf
+from llama3v.converters import mmproj as llava_mmproj
+from llama3v.converters.checkpoint import open_checkpoint
+from llama3v.converters.layouts import LlavaCheckpoint, load_llava
+from llama3v.converters.mllama_layout import is_mllama, load_mllama
 from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
@@ -16,6 +19,10 @@ from llama3v.errors import Llama3vError
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
     """Where `convert` writes the LLM and the mmproj."""
     return outdir / f"model-{model_outtype.lower()}.gguf", outdir / f"mmproj-{mmproj_outtype.lower()}.gguf"
+
+
+def _check_llava_vocab(ckpt: LlavaCheckpoint) -> None:
+    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
 
 def convert(
@@ -35,13 +42,20 @@ def convert(
     if existing and not force:
         raise Llama3vError(f"{', '.join(existing)} already exists; pass --force to overwrite")
 
-    ckpt = load_llava(src, vision_tower)
+    if is_mllama(open_checkpoint(src).config):
+        if vision_tower is not None:
+            raise Llama3vError("--vision-tower applies to LLaVA checkpoints; an mllama checkpoint holds its encoder")
+        ckpt = load_mllama(src)
+        mm, llm, check_vocab = mllama_gguf, mllama_gguf, mllama_gguf.check_image_token
+    else:
+        ckpt = load_llava(src, vision_tower)
+        mm, llm, check_vocab = llava_mmproj, llava_llm, _check_llava_vocab
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
-    mmproj_plan(ckpt, mmproj_type)
-    llm_plan(ckpt, model_type)
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    mm.mmproj_plan(ckpt, mmproj_type)
+    llm.llm_plan(ckpt, model_type)
+    check_vocab(ckpt)
 
     outdir.mkdir(parents=True, exist_ok=True)
-    write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    write_llm(ckpt, model_path, model_type, progress)
+    mm.write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
+    llm.write_llm(ckpt, model_path, model_type, progress)
     return model_path, mmproj_path

@@ -15,6 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from llama3v import gguf_schema as S
+from llama3v import mllama_format as M
 from llama3v import quant_types
 from llama3v.converters import ggml_quants
 from llama3v.errors import Llama3vError
@@ -39,9 +40,9 @@ _FILE_TYPES = {
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
 # gguf-py only decodes these; llama.cpp's C quantizer encodes them.
 _K_QUANTS = (Q.Q6_K, Q.Q5_K, Q.Q4_K)
-# Small tensors that every output keeps in f16 or better: position and patch embeddings feed
+# Small tensors that every output keeps in f16 or better: position, tile and patch embeddings feed
 # every token, so their rounding error is not averaged away.
-_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD)
+_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD, M.TILE_POSITION_EMBD, M.PRE_TILE_EMBD, M.POST_TILE_EMBD)
 
 
 def parse_outtype(name: str, choices: dict[str, GGMLQuantizationType] = MMPROJ_TYPES) -> GGMLQuantizationType:

@@ -13,11 +13,14 @@ from pathlib import Path
 from gguf import GGUFValueType
 
 from llama3v import gguf_schema as S
+from llama3v import mllama_format as M
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import GGUFInfo, read_gguf
 
 V = GGUFValueType
 VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
+MLLAMA_NOT_YET = ("a Llama-3.2-Vision (mllama) file: mllama inference needs llama3v's mllama engine patch, "
+                  "which this build does not have yet (docs/mllama.md)")
 __all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair"]
 
 
@@ -29,6 +32,8 @@ def read_model(path: str | Path) -> GGUFInfo:
 def check_llm(info: GGUFInfo) -> int:
     """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
     arch = info.get("general.architecture")
+    if arch == M.LLM_ARCH:
+        raise info.fail(MLLAMA_NOT_YET)
     if arch != S.LLM_ARCH:
         raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
     n_embd = info.get(S.EMBEDDING_LENGTH_LLM)
@@ -67,6 +72,8 @@ def check_mmproj(info: GGUFInfo) -> int:
     """Check an mmproj GGUF holds a vision encoder libmtmd can run safely; return its output width."""
     if info.get("general.architecture") != S.CLIP_ARCH:
         raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
+    if info.get(S.PROJECTOR_TYPE) == M.PROJECTOR_TYPE:
+        raise info.fail(MLLAMA_NOT_YET)
     for key, vtype in S.MMPROJ_REQUIRED.items():
         if key not in info.kv:
             raise info.fail(f"missing key {key}")
