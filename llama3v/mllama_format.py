@@ -53,7 +53,7 @@ def cross_attention_spans(ids: Sequence[int], image_token_id: int) -> list[tuple
     Positions before the first image token see no image.
     """
     starts = [i for i, t in enumerate(ids) if t == image_token_id]
-    spans = [[a, b] for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)]
+    spans = [[a, b] for a, b in zip(starts, [*starts[1:], len(ids)], strict=False)]  # no image: no span
     end = len(ids)
     for span in reversed(spans):
         if span[1] == span[0] + 1:  # directly followed by another image token
