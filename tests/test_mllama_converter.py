@@ -197,6 +197,20 @@ def test_every_mmproj_type(wide, tmp_path, mmproj_type):
         assert llm_types["blk.1.cross_attn_q_proj.weight"] == Q.Q8_0
 
 
+def test_llama_3_2_11b_vision_config_parses_with_its_real_shapes():
+    from transformers import MllamaConfig as HFMllamaConfig
+
+    from llama3v.converters.mllama_config import MllamaConfig
+
+    hf = HFMllamaConfig().to_dict()  # transformers' defaults: Llama-3.2-11B-Vision's shapes with 448 tiles
+    cfg = MllamaConfig.from_dicts(hf, {"max_image_tiles": 4, "size": {"height": 448, "width": 448}})
+    assert (cfg.vision.n_positions, cfg.vision.n_padded, cfg.vision.vision_output_dim) == (1025, 1032, 7680)
+    assert cfg.cross_attention_layers == [3, 8, 13, 18, 23, 28, 33, 38] and cfg.n_embedding_rows == 128264
+    assert cfg.image_token_index == cfg.text.vocab_size == 128256 and cfg.vision.attention_heads == 16
+    with pytest.raises(Llama3vError, match="aspect-ratio ids would disagree"):
+        MllamaConfig.from_dicts(hf, {"max_image_tiles": 2})
+
+
 def test_llm_types_beyond_the_converters_are_refused(wide, tmp_path):
     with pytest.raises(Llama3vError, match="unknown output type 'q4_k_m'"):
         convert(wide, tmp_path, "q4_k_m", "f16")

@@ -168,8 +168,9 @@ def test_image_matters_and_reaches_text_before_it(built):
     assert np.abs(a[first_image:] - b[first_image:]).max() > 1000 * TOL
     # A text row that sees no image attends uniformly to all image positions (HF's zeroed mask row).
     assert np.abs(a[:first_image] - b[:first_image]).max() > 1000 * TOL
-    states = ref.vision_states(mllama_tiles(_image("wide"), 28, 4).tiles, 3)
-    assert states.shape == (ref.n_states, ref.config.text.hidden_size)
+    states = [ref.vision_states(mllama_tiles(_image("wide", v), 28, 4).tiles, 3) for v in (0, 5)]
+    assert states[0].shape == (ref.n_states, ref.config.text.hidden_size)
+    assert np.abs(states[0] - states[1]).max() > 1000 * TOL, "the encoder depends on the image"
 
 
 def test_greedy_matches_transformers(built):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TextConfig
+from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_ACTIVATIONS, TextConfig
 from llama3v.errors import Llama3vError
 from llama3v.mllama_format import aspect_ratios
 
 # HF's MllamaTextModel embeds vocab_size + 8 rows: <|image|> = vocab_size and 7 spare rows.
 EXTRA_EMBEDDING_ROWS = 8
-# The activations the reference implements for the vision encoder (HF default: erf GELU).
-VISION_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu")
 
 
 @dataclass
@@ -68,7 +66,7 @@ class MllamaVisionConfig:
 
     def _validate(self) -> None:
         if self.hidden_act not in VISION_ACTIVATIONS:
-            raise Llama3vError(f"mllama vision activation {self.hidden_act!r} is not supported")
+            raise Llama3vError(f"mllama vision activation {self.hidden_act!r} is not supported by libmtmd")
         if self.num_channels != 3:
             raise Llama3vError(f"mllama vision towers with {self.num_channels} channels are not supported (RGB only)")
         if self.hidden_size % self.attention_heads:

@@ -92,7 +92,7 @@ def randomize(model, spec: TinyMllamaSpec) -> None:
             noise = torch.randn(p.shape, generator=gen)
             if "gate" in name and p.numel() == 1:
                 p.copy_(spec.gate + 0.3 * noise)
-            elif "norm" in name and name.endswith("weight") or "layernorm" in name and name.endswith("weight"):
+            elif "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * noise)
             elif "embedding" in name and "patch" not in name:
                 p.copy_(0.5 * noise)  # class, position, tile and token tables
