@@ -14,10 +14,10 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.paths import cache_dir
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import EncodeCache, Rows, image_parts
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 VIT_L_336 = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336,
                  patch_size=14, text_hidden=4096, text_heads=32, text_kv_heads=8, text_layers=1, text_ff=256)

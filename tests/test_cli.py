@@ -1,4 +1,4 @@
-"""The CLI contract (DESIGN.md): names, outputs and JSON fields scripts rely on."""
+"""The CLI contract (README.md, docs/architecture.md): names, outputs and JSON fields scripts rely on."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from llama3v.models.factory import TinySpec
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import load_image, prepare_tile
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 

@@ -19,11 +19,11 @@ from test_converter import gguf_fields, gguf_tensors, llama_cpp_order
 from transformers import MllamaForConditionalGeneration
 
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES
 from llama3v.errors import Llama3vError
-from llama3v.models.mllama_factory import LAYOUTS, TinyMllamaSpec, make_mllama_checkpoint
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
+from llama3v.testing.mllama_factory import LAYOUTS, TinyMllamaSpec, make_mllama_checkpoint
 
-SPEC = TinyMllamaSpec(rope_scaling={"factor": 8.0, "original_max_position_embeddings": 16})
+SPEC = TinyMllamaSpec(rope_scaling={"factor": 8.0, "original_max_position_embeddings": 16}, seed=3)
 Q = GGMLQuantizationType
 
 
@@ -32,7 +32,8 @@ def built(tmp_path_factory):
     """(checkpoint dir, model GGUF, mmproj GGUF, transformers' state dict) for SPEC in the hf-5 layout, F32."""
     ckpt = make_mllama_checkpoint(tmp_path_factory.mktemp("mllama"), SPEC)
     model, mmproj = convert(ckpt, ckpt / "gguf", "f32", "f32")
-    hf = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    hf, info = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     state["inv_freq"] = hf.model.language_model.rotary_emb.inv_freq.numpy()  # a buffer, not saved
     return ckpt, model, mmproj, state
@@ -152,7 +153,10 @@ def test_metadata(built):
 def test_each_layout_is_read_by_transformers_and_converts_to_the_same_files(built, tmp_path, layout):
     ckpt, model, mmproj, state = built
     other = make_mllama_checkpoint(tmp_path / "ckpt", SPEC, layout)
-    hf = MllamaForConditionalGeneration.from_pretrained(other, dtype=torch.float32).state_dict()
+    hf_model, info = MllamaForConditionalGeneration.from_pretrained(other, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    hf = hf_model.state_dict()
     assert set(hf) == set(state) - {"inv_freq"}
     for name, value in hf.items():
         np.testing.assert_array_equal(value.numpy(), state[name], err_msg=name)
@@ -176,7 +180,7 @@ def wide(tmp_path_factory):
 
 @pytest.mark.parametrize("mmproj_type", list(MMPROJ_TYPES))
 def test_every_mmproj_type(wide, tmp_path, mmproj_type):
-    model_type = mmproj_type if mmproj_type in LLM_TYPES else "f16"
+    model_type = mmproj_type if mmproj_type in CONVERT_LLM_TYPES else "f16"
     model, mmproj = convert(wide, tmp_path, model_type, mmproj_type)
     reference = gguf_tensors(convert(wide, tmp_path / "f32", "f32", "f32")[1])
     types = {t.name: t.tensor_type for t in GGUFReader(mmproj).tensors}
@@ -200,7 +204,7 @@ def test_every_mmproj_type(wide, tmp_path, mmproj_type):
 def test_llama_3_2_11b_vision_config_parses_with_its_real_shapes():
     from transformers import MllamaConfig as HFMllamaConfig
 
-    from llama3v.converters.mllama_config import MllamaConfig
+    from llama3v.hf.mllama_config import MllamaConfig
 
     hf = HFMllamaConfig().to_dict()  # transformers' defaults: Llama-3.2-11B-Vision's shapes with 448 tiles
     cfg = MllamaConfig.from_dicts(hf, {"max_image_tiles": 4, "size": {"height": 448, "width": 448}})
@@ -228,8 +232,8 @@ def _edit_config(ckpt, **changes) -> None:
 
 
 def test_missing_tensor_is_named_and_nothing_is_written(tmp_path):
-    from llama3v.converters.checkpoint import open_checkpoint
-    from llama3v.models.factory import write_safetensors
+    from llama3v.hf.checkpoint import open_checkpoint
+    from llama3v.testing.factory import write_safetensors
 
     ckpt = make_mllama_checkpoint(tmp_path / "ckpt", SPEC)
     c = open_checkpoint(ckpt)

@@ -1,9 +1,10 @@
 """The mllama reference (llama3v.models.mllama) and tile preprocessing against transformers, the oracle.
 
-Tiny random MllamaForConditionalGeneration checkpoints are built and saved by transformers itself
-(llama3v.models.mllama_factory); prompts and cross-attention masks come from transformers'
-MllamaProcessor, pixels from MllamaImageProcessorPil, and the reference reads the saved checkpoint
-through llama3v's own loader with llama3v's own tiles. Bound: max abs diff < 1e-4 on F32 logits.
+Tiny random MllamaForConditionalGeneration checkpoints in HF's format (llama3v.testing.mllama_factory)
+are loaded by transformers, which must find every parameter in the file; prompts and cross-attention
+masks come from transformers' MllamaProcessor, pixels from MllamaImageProcessorPil, and the reference
+reads the same checkpoint through llama3v's own loader with llama3v's own tiles. Bound: max abs diff
+< 1e-4 on F32 logits.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from transformers.models.mllama import processing_mllama as hf_processing  # noq
 from llama3v.evaluation.scenes import scene  # noqa: E402
 from llama3v.mllama_format import IMAGE_TOKEN, aspect_ratios, cross_attention_spans  # noqa: E402
 from llama3v.models.mllama import MllamaReference  # noqa: E402
-from llama3v.models.mllama_factory import TinyMllamaSpec, make_mllama_checkpoint  # noqa: E402
 from llama3v.runtime.mllama_image import best_canvas, fit_to_canvas, mllama_tiles  # noqa: E402
+from llama3v.testing.mllama_factory import TinyMllamaSpec, make_mllama_checkpoint  # noqa: E402
 
 TOL = 1e-4  # reference vs HF transformers, max abs diff on F32 logits
 # Two cross-attention layers, GQA (4 query heads, 2 KV heads), 17 positions per tile padded to 24,
 # llama3 rope scaling that matters past position 16.
-SPEC = TinyMllamaSpec(rope_scaling={"factor": 8.0, "original_max_position_embeddings": 16})
+SPEC = TinyMllamaSpec(rope_scaling={"factor": 8.0, "original_max_position_embeddings": 16}, seed=3)
 # (width, height): one tile; a wide image on a 1 x 3 grid; a tall one on 3 x 1; a 2 x 2 downscale.
 SIZES = {"one-tile": (28, 28), "wide": (90, 30), "tall": (25, 80), "big": (200, 150)}
 
@@ -36,7 +37,10 @@ SIZES = {"one-tile": (28, 28), "wide": (90, 30), "tall": (25, 80), "big": (200, 
 def built(tmp_path_factory):
     """(checkpoint dir, HF model loaded from it, reference loaded from it, MllamaProcessor)."""
     path = make_mllama_checkpoint(tmp_path_factory.mktemp("mllama"), SPEC)
-    model = transformers.MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model, info = transformers.MllamaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval()
     ref = MllamaReference.from_checkpoint(path)
     cfg = ref.config
     image_processor = hf_image.MllamaImageProcessorPil(

@@ -7,10 +7,10 @@ import pytest
 
 from llama3v.errors import Llama3vError
 from llama3v.evaluation.parity import generation_parity
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.media import EncodeCache
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 

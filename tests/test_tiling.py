@@ -15,14 +15,14 @@ from llama3v.errors import Llama3vError
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import generation_parity, nmse, reference_rows
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime import engine
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageSpec, load_image, prepare_tile, process_image
-from llama3v.runtime.layout import n_rows
 from llama3v.runtime.media import EncodeCache, Rows, image_parts
 from llama3v.runtime.session import Session
+from llama3v.runtime.tile_arrangement import n_rows
+from llama3v.testing.factory import TinySpec
 
 PINPOINTS_336 = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PINPOINTS_56 = tuple((h // 6, w // 6) for h, w in PINPOINTS_336)  # the same grids for a 56-pixel tower

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from llama3v.evaluation.parity import NMSE_BOUNDS, generation_parity, nmse, reference_video_rows
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
 from llama3v.runtime.session import Session
 from llama3v.runtime.video import Sampling, VideoReader
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 FULL = 16 * 16  # 16 frames of a 4 x 4 grid

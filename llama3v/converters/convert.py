@@ -8,21 +8,18 @@ from pathlib import Path
 from llama3v.converters import llm as llava_llm
 from llama3v.converters import mllama_gguf
 from llama3v.converters import mmproj as llava_mmproj
-from llama3v.converters.checkpoint import open_checkpoint
-from llama3v.converters.layouts import LlavaCheckpoint, load_llava
-from llama3v.converters.mllama_layout import is_mllama, load_mllama
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.checkpoint import open_checkpoint
+from llama3v.hf.key_formats import load_llava
+from llama3v.hf.mllama_key_formats import is_mllama, load_mllama
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
     """Where `convert` writes the LLM and the mmproj."""
     return outdir / f"model-{model_outtype.lower()}.gguf", outdir / f"mmproj-{mmproj_outtype.lower()}.gguf"
-
-
-def _check_llava_vocab(ckpt: LlavaCheckpoint) -> None:
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
 
 def convert(
@@ -35,7 +32,8 @@ def convert(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
-    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
+    model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
+    mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]
@@ -46,16 +44,17 @@ def convert(
         if vision_tower is not None:
             raise Llama3vError("--vision-tower applies to LLaVA checkpoints; an mllama checkpoint holds its encoder")
         ckpt = load_mllama(src)
-        mm, llm, check_vocab = mllama_gguf, mllama_gguf, mllama_gguf.check_image_token
+        mm, llm = mllama_gguf, mllama_gguf
     else:
         ckpt = load_llava(src, vision_tower)
-        mm, llm, check_vocab = llava_mmproj, llava_llm, _check_llava_vocab
+        mm, llm = llava_mmproj, llava_llm
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
-    mm.mmproj_plan(ckpt, mmproj_type)
-    llm.llm_plan(ckpt, model_type)
-    check_vocab(ckpt)
+    mmproj_plans = mm.mmproj_plan(ckpt, mmproj_type)
+    llm_plans = llm.llm_plan(ckpt, model_type)
+    vocab = mllama_gguf.load_mllama_vocab(ckpt) if mm is mllama_gguf else \
+        load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
     outdir.mkdir(parents=True, exist_ok=True)
-    mm.write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    llm.write_llm(ckpt, model_path, model_type, progress)
+    mm.write_mmproj(ckpt, mmproj_path, mmproj_type, mmproj_plans, progress)
+    llm.write_llm(ckpt, model_path, model_type, llm_plans, vocab, progress)
     return model_path, mmproj_path

@@ -11,11 +11,11 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import TextConfig
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, storage_type
-from llama3v.converters.tokenizer import load_vocab
-from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.converters.tokenizer import Vocab
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import TextConfig
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.quant.storage import encode, file_type, storage_type
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -73,12 +73,10 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
     return lambda: permute_rotary(ckpt.get(src), n_head)
 
 
-def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-              progress: Callable[[str], None] | None = None) -> None:
-    """Convert the checkpoint's decoder and tokenizer into a llama GGUF at `path` (atomically)."""
+def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
+              vocab: Vocab, progress: Callable[[str], None] | None = None) -> None:
+    """Write the checkpoint's decoder (`llm_plan`'s tensors) and tokenizer as a llama GGUF at `path` (atomically)."""
     cfg = ckpt.config.text
-    vocab = load_vocab(ckpt.main, cfg.vocab_size)
-    plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(ckpt.root.name)
@@ -86,7 +84,7 @@ def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
         add_decoder_hparams(w, cfg)
         vocab.add_to(w)
 
-    write_gguf(path, S.LLM_ARCH, metadata, plans, progress)
+    write_gguf(path, S.LLM_ARCH, metadata, plans, encode, progress)
 
 
 def add_decoder_hparams(w: GGUFWriter, cfg: TextConfig) -> None:

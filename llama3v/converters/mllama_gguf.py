@@ -20,13 +20,13 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from llama3v import gguf_schema as S
 from llama3v import mllama_format as M
 from llama3v.converters import tensor_map
-from llama3v.converters.config import VISION_ACTIVATIONS
 from llama3v.converters.llm import add_decoder_hparams, llama3_rope_factors, permute_rotary
-from llama3v.converters.mllama_layout import MllamaCheckpoint
-from llama3v.converters.quantize import file_type, kept_precision, storage_type
-from llama3v.converters.tokenizer import load_vocab
-from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.converters.tokenizer import Vocab, load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import VISION_ACTIVATIONS
+from llama3v.hf.mllama_key_formats import MllamaCheckpoint
+from llama3v.quant.storage import encode, file_type, kept_precision, storage_type
 
 # Cross-attention decoder layer: HF module -> GGUF part (matrices and norms get `.weight`).
 CROSS_BLOCK = {
@@ -58,23 +58,23 @@ VISION_PLAIN = {
     "vision.patch_embedding.weight": S.PATCH_EMBD,
     "vision.class_embedding": S.CLASS_EMBD,
     "vision.gated_positional_embedding.embedding": S.POSITION_EMBD,
-    "vision.gated_positional_embedding.tile_embedding.weight": M.TILE_POSITION_EMBD,
-    "vision.pre_tile_positional_embedding.embedding.weight": M.PRE_TILE_EMBD,
-    "vision.post_tile_positional_embedding.embedding.weight": M.POST_TILE_EMBD,
+    "vision.gated_positional_embedding.tile_embedding.weight": S.MLLAMA_TILE_POSITION_EMBD,
+    "vision.pre_tile_positional_embedding.embedding.weight": S.MLLAMA_PRE_TILE_EMBD,
+    "vision.post_tile_positional_embedding.embedding.weight": S.MLLAMA_POST_TILE_EMBD,
     "vision.layernorm_pre.weight": S.PRE_LN.format("weight"),
     "vision.layernorm_pre.bias": S.PRE_LN.format("bias"),
-    "vision.layernorm_post.weight": M.POST_LN.format("weight"),
-    "vision.layernorm_post.bias": M.POST_LN.format("bias"),
-    "projector.weight": M.PROJECTOR.format("weight"),
-    "projector.bias": M.PROJECTOR.format("bias"),
+    "vision.layernorm_post.weight": S.MLLAMA_POST_LN.format("weight"),
+    "vision.layernorm_post.bias": S.MLLAMA_POST_LN.format("bias"),
+    "projector.weight": S.MLLAMA_PROJECTOR.format("weight"),
+    "projector.bias": S.MLLAMA_PROJECTOR.format("bias"),
 }
 # Vision gates: GGUF name -> (HF gate, stored factor as a function of the raw gate).
 _TANH, _ONE_MINUS_TANH = np.tanh, (lambda g: 1.0 - np.tanh(g))
 VISION_GATES = {
-    M.POSITION_GATE: ("vision.gated_positional_embedding.gate", _ONE_MINUS_TANH),
-    M.TILE_POSITION_GATE: ("vision.gated_positional_embedding.gate", _TANH),
-    M.PRE_TILE_GATE: ("vision.pre_tile_positional_embedding.gate", _TANH),
-    M.POST_TILE_GATE: ("vision.post_tile_positional_embedding.gate", _TANH),
+    S.MLLAMA_POSITION_GATE: ("vision.gated_positional_embedding.gate", _ONE_MINUS_TANH),
+    S.MLLAMA_TILE_POSITION_GATE: ("vision.gated_positional_embedding.gate", _TANH),
+    S.MLLAMA_PRE_TILE_GATE: ("vision.pre_tile_positional_embedding.gate", _TANH),
+    S.MLLAMA_POST_TILE_GATE: ("vision.post_tile_positional_embedding.gate", _TANH),
 }
 LAYERNORM_EPS_OUTER = 1e-5  # HF builds layernorm_pre / layernorm_post with LayerNorm's default eps
 
@@ -105,9 +105,9 @@ def llm_plan(ckpt: MllamaCheckpoint, outtype: GGMLQuantizationType) -> list[Tens
         pre = f"text.layers.{bid}."
         if bid in cfg.cross_attention_layers:
             for hf, part in CROSS_BLOCK.items():
-                plans.append(_plan(ckpt, f"{pre}{hf}.weight", M.CROSS_BLOCK.format(bid=bid, part=part), outtype))
+                plans.append(_plan(ckpt, f"{pre}{hf}.weight", S.LLM_BLOCK.format(bid=bid, part=part), outtype))
             for gate in CROSS_GATES:
-                plans.append(_plan(ckpt, pre + gate, M.CROSS_GATE.format(bid=bid, part=gate), outtype))
+                plans.append(_plan(ckpt, pre + gate, S.MLLAMA_CROSS_GATE.format(bid=bid, part=gate), outtype))
             continue
         for hf, part in tensor_map.LLM_BLOCK.items():
             src, dst = f"{pre}{hf}.weight", S.LLM_BLOCK.format(bid=bid, part=part)
@@ -127,14 +127,14 @@ def mmproj_plan(ckpt: MllamaCheckpoint, outtype: GGMLQuantizationType) -> list[T
     plans = [_plan(ckpt, src, dst, outtype) for src, dst in VISION_PLAIN.items()]
     plans += [_plan(ckpt, src, dst, outtype, fn) for dst, (src, fn) in VISION_GATES.items()]
     for group, n, block in (("transformer", v.num_hidden_layers, S.VISION_BLOCK),
-                            ("global_transformer", v.num_global_layers, M.GLOBAL_BLOCK)):
+                            ("global_transformer", v.num_global_layers, S.MLLAMA_GLOBAL_BLOCK)):
         for bid in range(n):
             pre = f"vision.{group}.layers.{bid}."
             for hf, (part, kinds) in VISION_LAYER.items():
                 plans += [_plan(ckpt, f"{pre}{hf}.{kind}", block.format(bid=bid, part=part, kind=kind), outtype)
                           for kind in kinds]
             if group == "global_transformer":
-                plans += [_plan(ckpt, pre + hf, M.GLOBAL_GATE.format(bid=bid, part=part), outtype, _TANH)
+                plans += [_plan(ckpt, pre + hf, S.MLLAMA_GLOBAL_GATE.format(bid=bid, part=part), outtype, _TANH)
                           for hf, part in (("gate_attn", "attn_gate"), ("gate_ffn", "ffn_gate"))]
     proj = ckpt.shape("projector.weight")
     if proj != (ckpt.config.text.hidden_size, v.vision_output_dim):
@@ -143,52 +143,45 @@ def mmproj_plan(ckpt: MllamaCheckpoint, outtype: GGMLQuantizationType) -> list[T
     return plans
 
 
-def write_llm(ckpt: MllamaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-              progress: Callable[[str], None] | None = None) -> None:
-    """Write the decoder and tokenizer as an `mllama` GGUF at `path` (atomically)."""
+def write_llm(ckpt: MllamaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
+              vocab: Vocab, progress: Callable[[str], None] | None = None) -> None:
+    """Write the decoder (`llm_plan`'s tensors) and tokenizer as an `mllama` GGUF at `path` (atomically)."""
     cfg = ckpt.config
-    vocab = load_vocab(ckpt.main, n_tokens(ckpt))
-    plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(ckpt.root.name)
         w.add_file_type(file_type(outtype))
         add_decoder_hparams(w, cfg.text)
-        w.add_array(M.CROSS_ATTENTION_LAYERS, list(cfg.cross_attention_layers))
-        w.add_uint32(M.IMAGE_TOKEN_ID, cfg.image_token_index)
+        w.add_array(S.MLLAMA_CROSS_ATTENTION_LAYERS, list(cfg.cross_attention_layers))
+        w.add_uint32(S.MLLAMA_IMAGE_TOKEN_ID, cfg.image_token_index)
         vocab.add_to(w)
 
-    write_gguf(path, M.LLM_ARCH, metadata, plans, progress)
+    write_gguf(path, S.MLLAMA_LLM_ARCH, metadata, plans, encode, progress)
 
 
-def n_tokens(ckpt: MllamaCheckpoint) -> int:
-    """Vocabulary entries written: the text vocabulary and <|image|> (whose id is usually vocab_size)."""
+def load_mllama_vocab(ckpt: MllamaCheckpoint) -> Vocab:
+    """The tokenizer with <|image|> at the config's image_token_index (usually vocab_size); refuse one without it."""
     cfg = ckpt.config
-    return max(cfg.text.vocab_size, cfg.image_token_index + 1)
-
-
-def check_image_token(ckpt: MllamaCheckpoint) -> None:
-    """Refuse a checkpoint whose tokenizer does not have <|image|> at the config's image_token_index."""
-    vocab = load_vocab(ckpt.main, n_tokens(ckpt))
-    got = vocab.tokens[ckpt.config.image_token_index]
+    vocab = load_vocab(ckpt.main, max(cfg.text.vocab_size, cfg.image_token_index + 1))
+    got = vocab.tokens[cfg.image_token_index]
     if got != M.IMAGE_TOKEN:
-        raise Llama3vError(f"{ckpt.root}: token {ckpt.config.image_token_index} (image_token_index) is {got!r}, "
+        raise Llama3vError(f"{ckpt.root}: token {cfg.image_token_index} (image_token_index) is {got!r}, "
                            f"not {M.IMAGE_TOKEN!r}: the tokenizer lacks the image token")
+    return vocab
 
 
-def write_mmproj(ckpt: MllamaCheckpoint, path: Path, outtype: GGMLQuantizationType,
+def write_mmproj(ckpt: MllamaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
                  progress: Callable[[str], None] | None = None) -> None:
-    """Write the vision encoder and projector as an mmproj GGUF at `path` (atomically)."""
+    """Write the vision encoder and projector (`mmproj_plan`'s tensors) as an mmproj GGUF at `path` (atomically)."""
     cfg = ckpt.config
     v = cfg.vision
-    plans = mmproj_plan(ckpt, outtype)
     use_gelu, use_silu = VISION_ACTIVATIONS[v.hidden_act]
 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(f"{ckpt.root.name} vision")
         w.add_file_type(file_type(outtype))
         w.add_bool(S.HAS_VISION_ENCODER, True)
-        w.add_string(S.PROJECTOR_TYPE, M.PROJECTOR_TYPE)
+        w.add_string(S.PROJECTOR_TYPE, S.MLLAMA_PROJECTOR_TYPE)
         w.add_bool(S.USE_GELU, use_gelu)
         w.add_bool(S.USE_SILU, use_silu)
         w.add_uint32(S.IMAGE_SIZE, v.image_size)
@@ -201,14 +194,14 @@ def write_mmproj(ckpt: MllamaCheckpoint, path: Path, outtype: GGMLQuantizationTy
         w.add_float32(S.LAYER_NORM_EPS, v.norm_eps)
         w.add_array(S.IMAGE_MEAN, list(cfg.image_mean))
         w.add_array(S.IMAGE_STD, list(cfg.image_std))
-        w.add_string(S.PREPROCESS_MODE, M.PREPROCESS_MODE)
-        w.add_uint32(M.MAX_NUM_TILES, v.max_num_tiles)
-        w.add_array(M.ASPECT_RATIOS, [n for grid in v.supported_aspect_ratios for n in grid])
-        w.add_uint32(M.GLOBAL_BLOCK_COUNT, v.num_global_layers)
-        w.add_array(M.INTERMEDIATE_LAYERS, list(v.intermediate_layers_indices))
-        w.add_bool(M.GATES_PRECOMPUTED, True)
-        w.add_float32(M.OUTER_LN_EPS, LAYERNORM_EPS_OUTER)
+        w.add_string(S.PREPROCESS_MODE, S.MLLAMA_PREPROCESS_MODE)
+        w.add_uint32(S.MLLAMA_MAX_NUM_TILES, v.max_num_tiles)
+        w.add_array(S.MLLAMA_ASPECT_RATIOS, [n for grid in v.supported_aspect_ratios for n in grid])
+        w.add_uint32(S.MLLAMA_GLOBAL_BLOCK_COUNT, v.num_global_layers)
+        w.add_array(S.MLLAMA_INTERMEDIATE_LAYERS, list(v.intermediate_layers_indices))
+        w.add_bool(S.MLLAMA_GATES_PRECOMPUTED, True)
+        w.add_float32(S.MLLAMA_OUTER_LN_EPS, LAYERNORM_EPS_OUTER)
         w.add_string(S.PROJECTOR_KIND, "linear")
         w.add_array(S.KEPT_PRECISION, kept_precision(plans, outtype))
 
-    write_gguf(path, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(path, S.CLIP_ARCH, metadata, plans, encode, progress)

@@ -1,4 +1,4 @@
-"""Declarative maps from canonical checkpoint names (see layouts.py) to GGUF tensor names.
+"""Declarative maps from canonical checkpoint names (see llama3v/hf/key_formats.py) to GGUF tensor names.
 
 `{bid}` stands for a block index. One table per file kind; the writers walk these tables, so a
 tensor the model needs and the checkpoint lacks is reported by name.

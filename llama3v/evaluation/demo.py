@@ -11,9 +11,9 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
-from llama3v.paths import cache_dir
+from llama3v.paths import TEST_MEDIA, cache_dir
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 # Real architecture at small size: CLIP tower with class token (64 patches), mlp2x projector,
 # GQA Llama-3 decoder with llama3 rope scaling, and the real 128k Llama-3 tokenizer.
@@ -22,7 +22,7 @@ DEMO_SPEC = TinySpec(vision_hidden=128, vision_heads=4, vision_layers=4, vision_
                      rope_theta=500000.0, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 8192},
                      vocab="llama3", seed=0)
 QUESTION = "What is in this image?"
-PHOTO = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "photo.jpeg"
+PHOTO = TEST_MEDIA / "photo.jpeg"  # a drawn scene stands in where the package runs without its checkout
 
 
 def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:

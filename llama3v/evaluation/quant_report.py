@@ -34,18 +34,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llama3v import quant_types
 from llama3v.atomic import atomic_output
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import parse_outtype
-from llama3v.converters.requantize import requantize_mmproj
 from llama3v.errors import Llama3vError
 from llama3v.evaluation.kl import compare
 from llama3v.evaluation.quant_plot import Point, draw_size_vs_kl
 from llama3v.evaluation.scenes import scenes
+from llama3v.quant import types as quant_types
+from llama3v.quant.llm import quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import LLM_QUANT_TYPES
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput
-from llama3v.runtime.llm_quantize import LLM_QUANT_TYPES, quantize_llm
 from llama3v.runtime.session import Session
 
 DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES = quant_types.REPORT_MMPROJ_TYPES, quant_types.REPORT_MODEL_TYPES

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3v.converters.config import TextConfig
-from llama3v.converters.mllama_config import MllamaConfig, MllamaVisionConfig
-from llama3v.converters.mllama_layout import MllamaCheckpoint, load_mllama
+from llama3v.hf.config import TextConfig
+from llama3v.hf.mllama_config import MllamaConfig, MllamaVisionConfig
+from llama3v.hf.mllama_key_formats import MllamaCheckpoint, load_mllama
 from llama3v.mllama_format import cross_attention_spans
 from llama3v.models.llama import MLP, Block, RMSNorm, rope_inv_freq
 from llama3v.models.llava import _load

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,12 @@ import numpy as np
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_tensor
-from llama3v.runtime import engine
+from llama3v.runtime import engine, selfcheck
 from llama3v.runtime.gguf_check import check_mmproj, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
 
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
+_verdict: dict[str, str] = {}  # the engine self-check runs once per process
 
 
 class VisionEncoder:
@@ -43,8 +46,6 @@ class VisionEncoder:
         # HF-faithful arrangement where the checkpoint had LLaVA-NeXT's newline vector, else libmtmd's.
         self.default_layout = "hf" if self.newline is not None else "llama.cpp"
         if S.CLASS_EMBD in info.tensors and check_engine:
-            from llama3v.runtime.selfcheck import require_fixed_engine
-
             require_fixed_engine()
         _, mtmd = engine.libs()
         self._mtmd = mtmd
@@ -97,3 +98,30 @@ class VisionEncoder:
 
     def __del__(self) -> None:
         self.close()
+
+
+def engine_verdict() -> str:
+    """Run the self-check probe (runtime/selfcheck.py) through this process's libmtmd once; FIXED, UNPATCHED or
+    UNEXPECTED."""
+    if "verdict" not in _verdict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.gguf"
+            selfcheck.write_probe(path)
+            encoder = VisionEncoder(path, n_threads=1, check_engine=False, flash_attn=False)
+            try:
+                output = encoder.encode(selfcheck.probe_pixels())
+            finally:
+                encoder.close()
+        _verdict["verdict"] = selfcheck.classify(output, *selfcheck.predictions())
+    return _verdict["verdict"]
+
+
+def require_fixed_engine() -> None:
+    """Raise unless libmtmd handles the class token correctly (skippable for measurements)."""
+    if os.environ.get(selfcheck.SKIP_ENV) == "1":
+        return
+    verdict = engine_verdict()
+    if verdict == selfcheck.UNPATCHED:
+        raise Llama3vError(selfcheck.INSTALL_HINT)
+    if verdict == selfcheck.UNEXPECTED:
+        raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + selfcheck.INSTALL_HINT)

@@ -13,7 +13,6 @@ from pathlib import Path
 from gguf import GGUFValueType
 
 from llama3v import gguf_schema as S
-from llama3v import mllama_format as M
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import GGUFInfo, read_gguf
 
@@ -32,7 +31,7 @@ def read_model(path: str | Path) -> GGUFInfo:
 def check_llm(info: GGUFInfo) -> int:
     """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
     arch = info.get("general.architecture")
-    if arch == M.LLM_ARCH:
+    if arch == S.MLLAMA_LLM_ARCH:
         raise info.fail(MLLAMA_NOT_YET)
     if arch != S.LLM_ARCH:
         raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
@@ -72,7 +71,7 @@ def check_mmproj(info: GGUFInfo) -> int:
     """Check an mmproj GGUF holds a vision encoder libmtmd can run safely; return its output width."""
     if info.get("general.architecture") != S.CLIP_ARCH:
         raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
-    if info.get(S.PROJECTOR_TYPE) == M.PROJECTOR_TYPE:
+    if info.get(S.PROJECTOR_TYPE) == S.MLLAMA_PROJECTOR_TYPE:
         raise info.fail(MLLAMA_NOT_YET)
     for key, vtype in S.MMPROJ_REQUIRED.items():
         if key not in info.kv:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile, process_image
-from llama3v.runtime.layout import arrange_anyres, n_rows, slice_separators
+from llama3v.runtime.tile_arrangement import arrange_anyres, n_rows, slice_separators
 from llama3v.runtime.video import Sampling, VideoReader
 from llama3v.runtime.video_budget import DEFAULT_MEASURE, plan_budget, timestamp_text
 
@@ -159,7 +159,7 @@ def video_parts(video: SampledVideo, encoder: VisionEncoder, cache: EncodeCache,
 def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: EncodeCache,
                 max_tiles: int | None = None, layout_style: str | None = None,
                 progress: Progress | None = None) -> list[Part]:
-    """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/layout.py)."""
+    """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/tile_arrangement.py)."""
     spec = replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
     processed = process_image(load_image(source, spec.max_pixels), spec)
     layout, g = processed.layout, encoder.grid

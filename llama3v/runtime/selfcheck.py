@@ -5,26 +5,23 @@ zero weights (an identity), identity projector matrices, so each output row is
 gelu(patch_embedding + position_embedding). A fixed graph puts the class token first and gives
 patch p the position p + 1; the unpatched graph appends it last, so every patch takes its
 neighbour's position and the last row is the class token. The decision compares libmtmd's output
-with both predictions.
+with both predictions. The encoder runs the probe (runtime/encoder.py: engine_verdict); this module
+holds the probe and the decision, and imports no part of the runtime.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
 
 SKIP_ENV = "LLAMA3V_SKIP_ENGINE_CHECK"  # lets a developer measure a stock build on purpose
 FIXED, UNPATCHED, UNEXPECTED = "fixed", "unpatched", "unexpected"
 _SIZE, _PATCH, _EMBD, _FF = 4, 2, 8, 16
 _TOLERANCE = 0.05  # ggml's fp16 gelu table is off by ~1e-3; the two hypotheses differ by > 0.1
-_verdict: dict[str, str] = {}
 
 INSTALL_HINT = (
     "this llama-cpp-python build computes wrong embeddings for CLIP towers with a class token "
@@ -112,31 +109,3 @@ def write_probe(path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def engine_verdict() -> str:
-    """Run the probe through this process's libmtmd once; FIXED, UNPATCHED or UNEXPECTED."""
-    if "verdict" not in _verdict:
-        from llama3v.runtime.encoder import VisionEncoder  # the encoder asks us; import late
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "probe.gguf"
-            write_probe(path)
-            encoder = VisionEncoder(path, n_threads=1, check_engine=False, flash_attn=False)
-            try:
-                output = encoder.encode(probe_pixels())
-            finally:
-                encoder.close()
-        _verdict["verdict"] = classify(output, *predictions())
-    return _verdict["verdict"]
-
-
-def require_fixed_engine() -> None:
-    """Raise unless libmtmd handles the class token correctly (skippable for measurements)."""
-    if os.environ.get(SKIP_ENV) == "1":
-        return
-    verdict = engine_verdict()
-    if verdict == UNPATCHED:
-        raise Llama3vError(INSTALL_HINT)
-    if verdict == UNEXPECTED:
-        raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + INSTALL_HINT)

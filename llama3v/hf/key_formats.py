@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama3v.converters.checkpoint import Checkpoint, open_checkpoint
-from llama3v.converters.config import (
+from llama3v.errors import Llama3vError
+from llama3v.hf.checkpoint import Checkpoint, open_checkpoint
+from llama3v.hf.config import (
     KNOWN_VISION_TOWERS,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -32,7 +33,6 @@ from llama3v.converters.config import (
     pinpoints_from,
     select_strategy_from,
 )
-from llama3v.errors import Llama3vError
 
 # First match wins; a key that matches nothing is not part of the model (CLIP text tower, etc.).
 _NAME_RULES = [

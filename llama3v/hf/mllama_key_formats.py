@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama3v.converters.checkpoint import Checkpoint, open_checkpoint
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.mllama_config import MllamaConfig
 from llama3v.errors import Llama3vError
+from llama3v.hf.checkpoint import Checkpoint, open_checkpoint
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.hf.mllama_config import MllamaConfig
 
 _RULES = [(re.compile(p), r) for p, r in [
     (r"^(?:model\.)?vision_model\.", "vision."),

@@ -17,7 +17,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from llama3v.atomic import atomic_output
-from llama3v.converters.quantize import encode
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
 
@@ -43,9 +42,11 @@ def write_gguf(
     arch: str,
     add_metadata: Callable[[GGUFWriter], None],
     tensors: list[TensorPlan],
+    encode: Callable[[np.ndarray, GGMLQuantizationType], np.ndarray],
     progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Write `tensors` and the metadata that `add_metadata` adds to `path`, atomically."""
+    """Write `tensors`, each float array encoded as its type by `encode`, and the metadata that `add_metadata`
+    adds to `path`, atomically. `encode` is llama3v.quant.storage.encode (passed in: quant uses this writer)."""
     with atomic_output(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         add_metadata(writer)

@@ -1,9 +1,8 @@
 """`llama3v quantize`: one GGUF in, the same kind of file in another type out.
 
-An mmproj (architecture `clip`) goes through the converter's requantizer, whose kept-precision
-rule it shares with `convert`; an LLM (architecture `llama`) through llama.cpp's own quantizer.
-This dispatch uses both the converters and the runtime, so it lives here (DESIGN: only
-`evaluation` and `cli.py` import every room); it imports no torch.
+An mmproj (architecture `clip`) goes through quant/requantize.py, whose kept-precision rule it
+shares with `convert`; an LLM (architecture `llama`) through llama.cpp's own quantizer (quant/llm.py).
+It imports no torch.
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from llama3v.converters.requantize import requantize_mmproj
-from llama3v.converters.writer import stderr_progress
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
-from llama3v.runtime.llm_quantize import quantize_llm
+from llama3v.gguf_writer import stderr_progress
+from llama3v.quant.llm import quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
 
 _PREFIX = {"clip": "mmproj", "llama": "model"}  # convert's names: mmproj-<type>.gguf, model-<type>.gguf
 
@@ -41,8 +40,8 @@ def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, fo
 def quantize_command(args: argparse.Namespace) -> int:
     """`llama3v quantize SRC TYPE [-o OUT] [--force] [--allow-requantize] [--threads N]`; prints the output path.
 
-    argparse arguments: `src` (Path); `type` (str: an mmproj type of converters.quantize.MMPROJ_TYPES for an
-    mmproj, an LLM type of runtime.llm_quantize.LLM_QUANT_TYPES for a model); `-o/--output` (Path, default
+    argparse arguments: `src` (Path); `type` (str: an mmproj type of quant.types.MMPROJ_TYPES for an
+    mmproj, an LLM type of quant.types.LLM_QUANT_TYPES for a model); `-o/--output` (Path, default
     None: beside SRC); `--force` (store_true); `--allow-requantize` (store_true); `--threads` (int, default
     None); `-q/--quiet` from the common options.
     """

@@ -12,8 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from llama3v import __version__, quant_types
+from llama3v import __version__
 from llama3v.errors import Llama3vError
+from llama3v.quant import types as quant_types
 
 
 class _Media(argparse.Action):
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from llama3v.converters.convert import convert
-    from llama3v.converters.writer import stderr_progress
+    from llama3v.gguf_writer import stderr_progress
 
     model, mmproj = convert(args.src, args.outdir, args.model_outtype or args.outtype,
                             args.mmproj_outtype or args.outtype, vision_tower=args.vision_tower, force=args.force,
@@ -249,7 +250,7 @@ def _progress(args: argparse.Namespace):  # -> a progress callback or None
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from llama3v.runtime.embed import embed_to_files
+    from llama3v.cli.embed import embed_to_files
 
     embed_to_files(args.mmproj, args.media, args.output, n_threads=args.threads, progress=_progress(args),
                    max_tiles=args.max_tiles, image_layout=args.image_layout, sampling=_sampling(args),
@@ -289,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from llama3v.runtime.repl import run_repl
+    from llama3v.cli.repl import run_repl
     from llama3v.runtime.session import Session
 
     try:
@@ -326,7 +327,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from llama3v.evaluation.quantize_command import quantize_command
+    from llama3v.cli.quantize import quantize_command
 
     return quantize_command(args)
 
@@ -339,6 +340,3 @@ def _quant_report(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"convert": _convert, "embed": _embed, "run": _run, "chat": _chat, "serve": _serve, "demo": _demo,
              "quantize": _quantize, "quant-report": _quant_report}
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_ACTIVATIONS, TextConfig
 from llama3v.errors import Llama3vError
+from llama3v.hf.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_ACTIVATIONS, TextConfig
 from llama3v.mllama_format import aspect_ratios
 
 # HF's MllamaTextModel embeds vocab_size + 8 rows: <|image|> = vocab_size and 7 spare rows.

@@ -4,7 +4,7 @@ Every tensor is decoded to float32 (gguf-py decodes every type, k-quants include
 again as `storage_type` says, through the converter's atomic, verified writer; the metadata is
 copied except the keys that describe the new type. The requantizer lives with the converter, not
 the runtime, because it writes files: it needs llama.cpp only for k-quant encoding, and gets that
-from libggml-base directly (converters/ggml_quants.py).
+from libggml-base directly (quant/ggml_quants.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from gguf import quants as gguf_quants
 from gguf.gguf_reader import ReaderTensor
 
 from llama3v import gguf_schema as S
-from llama3v.converters.quantize import file_type, kept_precision, parse_outtype, storage_type
-from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.quant.storage import encode, file_type, kept_precision, parse_outtype, storage_type
 
 Q = GGMLQuantizationType
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
@@ -75,7 +75,7 @@ def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: boo
         w.add_array(S.KEPT_PRECISION, kept)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(dst, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(dst, S.CLIP_ARCH, metadata, plans, encode, progress)
     return dst
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
-from llama3v.models.bpe import Tokenizer, llama3_tokenizer, train_tiny
+from llama3v.hf.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+from llama3v.testing.bpe import Tokenizer, llama3_tokenizer, train_tiny
 
 LAYOUTS = ("hf-4.45", "hf-4.52", "hf-5", "original", "original-separate")
 IMAGE_TOKEN = "<image>"
@@ -59,7 +59,7 @@ class TinySpec:
 
 
 def build_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
-    """Random float32 weights under canonical names (see converters/layouts.py)."""
+    """Random float32 weights under canonical names (see llama3v/hf/key_formats.py)."""
     rng = np.random.default_rng(spec.seed)
     s = spec.weight_scale
 
