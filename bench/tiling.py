@@ -66,10 +66,10 @@ def main() -> None:
             if isinstance(p, Rows):
                 p.data()
         total = (time.perf_counter() - t0) * 1e3
-        meta = next(p for p in parts if isinstance(p, Rows)).meta
-        per_tile = sorted(meta["tile_encode_ms"])[len(meta["tile_encode_ms"]) // 2]
+        info = next(p for p in parts if isinstance(p, Rows)).info
+        per_tile = sorted(info.tile_encode_ms)[len(info.tile_encode_ms) // 2]
         seps = [p for p in parts if isinstance(p, str)]
-        print(f"| {name} | {meta['n_tiles']} | {meta['grid'][0]} x {meta['grid'][1]} | "
+        print(f"| {name} | {info.n_tiles} | {info.grid[0]} x {info.grid[1]} | "
               f"{sum(p.n for p in parts if isinstance(p, Rows))} | {len(seps)} | {per_tile:.0f} | {total:.0f} |")
 
 

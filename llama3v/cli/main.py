@@ -10,11 +10,14 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from llama3v import __version__
 from llama3v.errors import Llama3vError
 from llama3v.quant import types as quant_types
+from llama3v.runtime.options import SessionOptions
+from llama3v.runtime.video import Sampling
 
 
 class _Media(argparse.Action):
@@ -38,8 +41,8 @@ def _add_media(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-video-tokens", type=int, default=None, metavar="N",
                    help="rows each video may use; frames are pooled and pruned only as far as needed (default: what "
                    "the context leaves after the prompt and the answer; for `embed`, no limit)")
-    p.add_argument("--video-frames", type=int, default=16, metavar="N",
-                   help="frames sampled per video, uniformly (16), or the cap with --video-fps")
+    p.add_argument("--video-frames", type=int, default=Sampling.frames, metavar="N",
+                   help=f"frames sampled per video, uniformly ({Sampling.frames}), or the cap with --video-fps")
     p.add_argument("--video-fps", type=float, default=None, metavar="F", help="sample F frames per second instead")
     p.add_argument("--video-start", type=float, default=0.0, metavar="S", help="sample from S seconds (0)")
     p.add_argument("--video-end", type=float, default=None, metavar="S", help="sample until S seconds (the end)")
@@ -57,7 +60,8 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
                    help="LLM GGUF" + (" (env LLAMA3V_MODEL)" if env else ""))
     p.add_argument("--mmproj", type=Path, default=mmproj,
                    help="mmproj GGUF, needed for media" + (" (env LLAMA3V_MMPROJ)" if env else ""))
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
+    p.add_argument("--n-ctx", type=int, default=SessionOptions.n_ctx,
+                   help=f"context size in tokens ({SessionOptions.n_ctx})")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
 
 
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)
 
+    # Defaults from the environment stay strings: argparse converts them with `type` only when `serve` is
+    # parsed, so a bad value is a usage error there, not a traceback while building every command's parser.
     env = os.environ.get
     p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions (text, image_url and video_url parts; streaming), "
@@ -128,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "single model; a full queue answers 503. Options also come from LLAMA3V_* variables.")
     _add_model(p, env=True)
     p.add_argument("--host", default=env("LLAMA3V_HOST", "127.0.0.1"), help="bind address (127.0.0.1; LLAMA3V_HOST)")
-    p.add_argument("--port", type=int, default=int(env("LLAMA3V_PORT", "8080")), help="port (8080; LLAMA3V_PORT)")
+    p.add_argument("--port", type=int, default=env("LLAMA3V_PORT", "8080"), help="port (8080; LLAMA3V_PORT)")
     p.add_argument("--api-key", default=env("LLAMA3V_API_KEY"), help="require 'Authorization: Bearer KEY' "
                    "(LLAMA3V_API_KEY)")
     p.add_argument("--model-name", default=env("LLAMA3V_MODEL_NAME"), help="the id /v1/models reports "
@@ -138,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a directory whose files requests may name as media (repeatable; LLAMA3V_ALLOWED_ROOTS)")
     p.add_argument("--allow-remote", action="store_true", default=env("LLAMA3V_ALLOW_REMOTE") == "1",
                    help="let requests name http(s) media URLs for the server to fetch (off)")
-    p.add_argument("--max-body-mb", type=int, default=int(env("LLAMA3V_MAX_BODY_MB", "64")),
+    p.add_argument("--max-body-mb", type=int, default=env("LLAMA3V_MAX_BODY_MB", "64"),
                    help="largest request body in MiB (64)")
-    p.add_argument("--max-queue", type=int, default=int(env("LLAMA3V_MAX_QUEUE", "16")),
+    p.add_argument("--max-queue", type=int, default=env("LLAMA3V_MAX_QUEUE", "16"),
                    help="requests that may wait for the model before 503 (16)")
-    p.add_argument("--timeout", type=float, default=float(env("LLAMA3V_TIMEOUT", "600")),
+    p.add_argument("--timeout", type=float, default=env("LLAMA3V_TIMEOUT", "600"),
                    help="seconds a request may take, queueing included (600)")
-    p.add_argument("--body-timeout", type=float, default=float(env("LLAMA3V_BODY_TIMEOUT", "30")),
+    p.add_argument("--body-timeout", type=float, default=env("LLAMA3V_BODY_TIMEOUT", "30"),
                    help="seconds a client may take to send its request body (30)")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama3v.runtime import engine
 
     engine.set_verbose(args.verbose)
+    warnings.formatwarning = _one_line_warning
     try:
         return _COMMANDS[args.command](args)
     except Llama3vError as e:
@@ -217,6 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    """Warnings (e.g. a context past the model's trained length) as one line, like our errors."""
+    return f"llama3v: warning: {message}\n"
+
+
+def _session(args: argparse.Namespace, progress=None, **media: object):  # -> llama3v.runtime.session.Session
+    """The session of `run`, `chat` and `serve`: --model, --mmproj and the options they share, plus `media` options."""
+    from llama3v.runtime.session import Session
+
+    options = SessionOptions(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                             max_tiles=args.max_tiles, **media)
+    return Session(args.model, args.mmproj, options, progress=progress)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from llama3v.converters.convert import convert
     from llama3v.gguf_writer import stderr_progress
@@ -231,9 +252,7 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling(args: argparse.Namespace):  # -> llama3v.runtime.video.Sampling
-    from llama3v.runtime.video import Sampling
-
+def _sampling(args: argparse.Namespace) -> Sampling:
     return Sampling(frames=args.video_frames, fps=args.video_fps, start=args.video_start, end=args.video_end)
 
 
@@ -259,11 +278,8 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llama3v.runtime.session import Session
-
-    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles, image_layout=args.image_layout, max_video_tokens=args.max_video_tokens,
-                 video_sampling=_sampling(args), progress=_progress(args)) as session:
+    with _session(args, _progress(args), image_layout=args.image_layout, max_video_tokens=args.max_video_tokens,
+                  video_sampling=_sampling(args)) as session:
         gen = session.generate(args.prompt, media=args.media, system=args.system, max_tokens=args.n_predict,
                                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         for piece in gen:
@@ -278,10 +294,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.verbose:
             t = result.timings
             for m in result.media:
-                per_tile = ", ".join(f"{ms:.0f}" for ms in m.get("tile_encode_ms", []))
-                shape = (f"{m['frames_kept']}/{m['n_frames']} frames kept, pooled {m['pooled']}" if m["kind"] == "video"
-                         else f"{m.get('layout')} grid {m.get('grid')}, {m.get('n_tiles')} tiles")
-                print(f"{m['kind']} {m['media']}: {shape}, {m['rows']} rows, encode ms per tile/frame [{per_tile}]",
+                per_tile = ", ".join(f"{ms:.0f}" for ms in m.tile_encode_ms)
+                shape = (f"{m.frames_kept}/{m.n_frames} frames kept, pooled {m.pooled}" if m.kind == "video"
+                         else f"{m.layout} grid {m.grid}, {m.n_tiles} tiles")
+                print(f"{m.kind} {m.media}: {shape}, {m.rows} rows, encode ms per tile/frame [{per_tile}]",
                       file=sys.stderr)
             print(f"prompt {result.n_prompt_tokens} tokens, encode {t['encode_ms']:.0f} ms, "
                   f"prompt {t['prompt_ms']:.0f} ms, decode {len(result.tokens)} tokens "
@@ -291,14 +307,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from llama3v.cli.repl import run_repl
-    from llama3v.runtime.session import Session
 
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles) as session:
+    with _session(args) as session:
         return run_repl(session, verbose=args.verbose, system=args.system, max_tokens=args.n_predict,
                         temperature=args.temp, seed=args.seed)
 
@@ -306,7 +320,6 @@ def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from llama3v.runtime.openai_api import MediaPolicy
     from llama3v.runtime.server import ServerConfig, serve
-    from llama3v.runtime.session import Session
 
     config = ServerConfig(
         model_name=args.model_name or args.model.stem, api_key=args.api_key,
@@ -314,8 +327,7 @@ def _serve(args: argparse.Namespace) -> int:
                           max_bytes=args.max_body_mb << 20),
         max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout,
         body_timeout_s=args.body_timeout)
-    with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles) as session:
+    with _session(args) as session:
         serve(session, config, args.host, args.port, "debug" if args.verbose else "warning" if args.quiet else "info")
     return 0
 

@@ -64,7 +64,7 @@ def run_demo(workdir: Path | None = None, quiet: bool = False) -> int:
             print(piece, end="", flush=True)
         result = gen.result
         t = result.timings
-        print(f"\n\nprompt {result.n_prompt_tokens} positions ({result.media[0]['rows']} image rows); "
+        print(f"\n\nprompt {result.n_prompt_tokens} positions ({result.media[0].rows} image rows); "
               f"encode {t['encode_ms']:.0f} ms, prompt {t['prompt_ms']:.0f} ms, "
               f"{len(result.tokens)} tokens at {t['decode_tokens_per_s']:.0f} tokens/s")
         _agreement(ckpt, session, image)

@@ -118,10 +118,9 @@ def generation_parity(reference: LlavaReference, session: Session, prompt: str, 
     if result.n_reused:
         raise ValueError("generation parity needs a session whose KV cache does not already hold the prompt")
     ours = session.prompt_logits
-    blocks = [reference_rows(reference, session.encoder, img, session.max_tiles, session.image_layout)
-              for img in images]
-    blocks += [reference_video_rows(reference, session.encoder, v, session.video_sampling, info["budget"],
-                                    session.video_measure)[1]
+    o = session.options
+    blocks = [reference_rows(reference, session.encoder, img, o.max_tiles, o.image_layout) for img in images]
+    blocks += [reference_video_rows(reference, session.encoder, v, o.video_sampling, info.budget, o.video_measure)[1]
                for v, info in zip(videos, result.media[len(images):], strict=True)]
     rows = np.concatenate(blocks) if blocks else None
     ref_logits = reference.logits(result.prompt_tokens, rows)

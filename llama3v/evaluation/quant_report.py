@@ -53,7 +53,6 @@ DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES = quant_types.REPORT_MMPROJ_TYPES, qua
 QUESTION = "Describe this image in detail."
 N_PREDICT = 32
 N_SCENES = 2  # a ViT-L encode takes ~5 s per image and type on 2 CPU cores
-N_CTX = 4096
 OUTPUTS = ("quant-report.md", "quant-report.csv", "quant-report.png")
 MIB = 1 << 20
 
@@ -234,7 +233,7 @@ def _score(session: Session, prompt: str, tokens: list[int], image: ImageInput) 
 
 
 def _session(model: Path, mmproj: Path, n_threads: int | None) -> Session:
-    return Session(model, mmproj, n_ctx=N_CTX, n_threads=n_threads, kv_type="f32", flash_attn=False)
+    return Session(model, mmproj, n_threads=n_threads, kv_type="f32", flash_attn=False)
 
 
 def _cached(path: Path, compute: Callable[[], dict]) -> dict:

@@ -13,19 +13,23 @@ llama-cpp-python's handlers, keeps the KV cache between calls: a follow-up only 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from llama3v.runtime import openai_api as oa
+from llama3v.runtime.options import SessionOptions
 from llama3v.runtime.session import Session
 
 
 class Llama3vChatHandler:
     """llama-cpp-python chat handler backed by a llama3v Session."""
 
-    def __init__(self, mmproj_path: str | Path | None = None, max_tiles: int | None = None,
-                 image_layout: str | None = None, media: oa.MediaPolicy | None = None):
+    def __init__(self, mmproj_path: str | Path | None = None, options: SessionOptions | None = None,
+                 media: oa.MediaPolicy | None = None, **overrides: object):
+        """`options` (or SessionOptions fields by keyword, e.g. max_tiles=4) as for a Session; the context, batch
+        and threads are the Llama's."""
         self.mmproj_path = mmproj_path
-        self.max_tiles, self.image_layout = max_tiles, image_layout
+        self.options = replace(options or SessionOptions(), **overrides)
         # A library caller's own files are theirs to read; remote URLs stay opt-in.
         self.media = media or oa.MediaPolicy(any_path=True)
         self._session: Session | None = None
@@ -34,8 +38,7 @@ class Llama3vChatHandler:
     def session(self, llama: object) -> Session:
         """The session over `llama` (made on first use)."""
         if self._session is None or self._llama is not llama:
-            self._session = Session.from_llama(llama, self.mmproj_path, max_tiles=self.max_tiles,
-                                               image_layout=self.image_layout)
+            self._session = Session.from_llama(llama, self.mmproj_path, self.options)
             self._llama = llama
         return self._session
 

@@ -94,12 +94,11 @@ def write_probe(path: Path) -> None:
     w.add_array(S.FEATURE_LAYER, [1])
     for name, value in _probe_weights().items():
         w.add_tensor(name, value)
-    zeros = {"attn_q": (_EMBD, _EMBD), "attn_k": (_EMBD, _EMBD), "attn_v": (_EMBD, _EMBD),
-             "attn_out": (_EMBD, _EMBD), "ffn_up": (_FF, _EMBD), "ffn_down": (_EMBD, _FF)}
+    zeros = {**{part: (_EMBD, _EMBD) for part in S.VISION_ATTN_PARTS}, S.FFN_UP: (_FF, _EMBD), S.FFN_DOWN: (_EMBD, _FF)}
     for part, shape in zeros.items():
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="weight"), np.zeros(shape, np.float32))
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="bias"), np.zeros(shape[0], np.float32))
-    for part in ("ln1", "ln2"):
+    for part in (S.LN1, S.LN2):
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="weight"), np.ones(_EMBD, np.float32))
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="bias"), np.zeros(_EMBD, np.float32))
     for idx in (0, 2):
