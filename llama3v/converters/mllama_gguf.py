@@ -45,14 +45,14 @@ CROSS_BLOCK = {
 CROSS_GATES = ("cross_attn_attn_gate", "cross_attn_mlp_gate")
 # Vision encoder layer: HF module -> clip.cpp part (q/k/v/o have no bias in mllama).
 VISION_LAYER = {
-    "self_attn.q_proj": ("attn_q", ("weight",)),
-    "self_attn.k_proj": ("attn_k", ("weight",)),
-    "self_attn.v_proj": ("attn_v", ("weight",)),
-    "self_attn.o_proj": ("attn_out", ("weight",)),
-    "input_layernorm": ("ln1", ("weight", "bias")),
-    "post_attention_layernorm": ("ln2", ("weight", "bias")),
-    "mlp.fc1": ("ffn_up", ("weight", "bias")),
-    "mlp.fc2": ("ffn_down", ("weight", "bias")),
+    "self_attn.q_proj": (S.ATTN_Q, ("weight",)),
+    "self_attn.k_proj": (S.ATTN_K, ("weight",)),
+    "self_attn.v_proj": (S.ATTN_V, ("weight",)),
+    "self_attn.o_proj": (S.ATTN_OUT, ("weight",)),
+    "input_layernorm": (S.LN1, ("weight", "bias")),
+    "post_attention_layernorm": (S.LN2, ("weight", "bias")),
+    "mlp.fc1": (S.FFN_UP, ("weight", "bias")),
+    "mlp.fc2": (S.FFN_DOWN, ("weight", "bias")),
 }
 VISION_PLAIN = {
     "vision.patch_embedding.weight": S.PATCH_EMBD,
