@@ -269,6 +269,18 @@ def test_bad_configs_are_refused(tmp_path, change, message):
         convert(ckpt, tmp_path / "out", "f32", "f32")
 
 
+def test_quantize_refuses_an_mllama_model_and_requantizes_its_mmproj(built, tmp_path):
+    from llama3v.cli.quantize import quantize_file
+
+    _, model, mmproj, _ = built
+    with pytest.raises(Llama3vError, match="needs the mllama engine patch"):
+        quantize_file(model, "q4_k_m", tmp_path / "m.gguf")
+    out = quantize_file(mmproj, "q8_0", tmp_path / "mm.gguf")
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["v.tile_position_embd.weight"] == Q.F16 and types["v.global.blk.0.attn_gate"] == Q.F32
+    assert gguf_fields(out)["clip.projector_type"][1] == "mllama"
+
+
 def test_run_and_embed_refuse_mllama_files_clearly(built, picture):
     _, model, mmproj, _ = built
     for args in (["run", "--model", str(model), "--mmproj", str(mmproj), "--image", str(picture), "-p", "hi"],
