@@ -3,8 +3,8 @@
 llama.cpp's quantizer picks a type per tensor (q4_k_m keeps half the attention and FFN down
 projections in q6_k, the output head in q6_k, ...) and falls back to a compatible type where a
 row is not a whole number of blocks, so the LLM gets exactly what `llama-quantize` would write.
-It runs in libllama, hence here in the runtime; the input is checked first (llama.cpp trusts its
-input), the output is written under a temporary name and renamed into place once it reads back.
+It runs in libllama, loaded through the runtime's engine; the input is checked first (llama.cpp trusts
+its input), the output is written under a temporary name and renamed into place once it reads back.
 """
 
 from __future__ import annotations

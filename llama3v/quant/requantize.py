@@ -1,10 +1,9 @@
-"""Write an existing mmproj GGUF in another type (`llama3v quantize --mmproj`), by the converter's own rule.
+"""Write an existing mmproj GGUF in another type (`llama3v quantize`), by the rule `convert` uses.
 
 Every tensor is decoded to float32 (gguf-py decodes every type, k-quants included) and stored
-again as `storage_type` says, through the converter's atomic, verified writer; the metadata is
-copied except the keys that describe the new type. The requantizer lives with the converter, not
-the runtime, because it writes files: it needs llama.cpp only for k-quant encoding, and gets that
-from libggml-base directly (quant/ggml_quants.py).
+again as `storage_type` says, through the atomic, verified GGUF writer the converter uses; the
+metadata is copied except the keys that describe the new type. It needs llama.cpp only for k-quant
+encoding, and gets that from libggml-base directly (quant/ggml_quants.py), not through the runtime.
 """
 
 from __future__ import annotations
