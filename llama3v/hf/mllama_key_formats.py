@@ -50,7 +50,7 @@ class MllamaCheckpoint(LlavaCheckpoint):
 
 
 def load_mllama(src: str | Path) -> MllamaCheckpoint:
-    """Open an MllamaForConditionalGeneration checkpoint directory (transformers 4.45+ or 5.x layout)."""
+    """Open an MllamaForConditionalGeneration checkpoint directory (either key format)."""
     main: Checkpoint = open_checkpoint(src)
     if not is_mllama(main.config):
         raise Llama3vError(f"{main.root}: not an MllamaForConditionalGeneration checkpoint")
@@ -60,5 +60,5 @@ def load_mllama(src: str | Path) -> MllamaCheckpoint:
         canon = canonical_name(name)
         if canon is not None:
             sources[canon] = (main, name)
-    layout = "mllama-4.52" if any(n.startswith("model.") for n in main.shapes) else "mllama"
-    return MllamaCheckpoint(config=config, layout=layout, main=main, _sources=sources)
+    key_format = "mllama-4.52" if any(n.startswith("model.") for n in main.shapes) else "mllama"
+    return MllamaCheckpoint(config=config, key_format=key_format, main=main, _sources=sources)

@@ -291,7 +291,7 @@ class MllamaReference:
 
     @classmethod
     def from_checkpoint(cls, src: str | Path | MllamaCheckpoint) -> MllamaReference:
-        """Load from a checkpoint directory (transformers 4.45+ or 5.x layout) or an opened MllamaCheckpoint."""
+        """Load from a checkpoint directory (either key format) or an opened MllamaCheckpoint."""
         ckpt = src if isinstance(src, MllamaCheckpoint) else load_mllama(src)
         cfg = ckpt.config
         with torch.device("meta"):
