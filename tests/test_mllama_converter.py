@@ -168,6 +168,79 @@ def test_each_layout_is_read_by_transformers_and_converts_to_the_same_files(buil
             np.testing.assert_array_equal(ta[name], tb[name], err_msg=f"{layout}: {name}")
 
 
+def _vision_states_from_mmproj(path, tiles: np.ndarray, aspect_ratio_id: int) -> np.ndarray:
+    """The encoder computed from the mmproj alone, as docs/formats.md describes it: the file is sufficient."""
+    t = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in gguf_tensors(path).items()}  # copies: read-only maps
+    f = {k: v[1] for k, v in gguf_fields(path).items()}
+    d, size, patch = f["clip.vision.embedding_length"], f["clip.vision.image_size"], f["clip.vision.patch_size"]
+    heads, n_tiles_max, eps = f["clip.vision.attention.head_count"], f["llama3v.mllama.max_num_tiles"], \
+        f["clip.vision.attention.layer_norm_epsilon"]
+    n_pos = (size // patch) ** 2 + 1
+    n_pad = -(-n_pos // 8) * 8
+    x = torch.zeros(n_tiles_max, 3, size, size)
+    mean, std = (torch.tensor(f[k]).view(1, 3, 1, 1) for k in ("clip.vision.image_mean", "clip.vision.image_std"))
+    x[:len(tiles)] = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    x = torch.nn.functional.conv2d(x, t["v.patch_embd.weight"], stride=patch).flatten(2).transpose(1, 2)
+    x = x + t["v.pre_tile_position_embd.weight"][aspect_ratio_id].view(n_tiles_max, 1, d) * \
+        t["v.pre_tile_position_embd.gate"]
+    x = torch.cat([t["v.class_embd"].expand(n_tiles_max, 1, d), x], dim=1)
+    x = x + t["v.position_embd.weight"] * t["v.position_embd.gate"] + \
+        t["v.tile_position_embd.weight"][aspect_ratio_id].view(n_tiles_max, n_pos, d) * t["v.tile_position_embd.gate"]
+
+    def ln(h, name, e):
+        return torch.nn.functional.layer_norm(h, (d,), t[name + ".weight"], t[name + ".bias"], e)
+
+    outer = f["llama3v.mllama.outer_layer_norm_epsilon"]
+    x = torch.nn.functional.pad(ln(x, "v.pre_ln", outer), (0, 0, 0, n_pad - n_pos))
+    pad = torch.ones(n_tiles_max, n_pad)
+    pad[:len(tiles), :n_pos] = 0
+    pad = pad.reshape(-1, 1)
+    mask = pad @ pad.T * torch.finfo(torch.float32).min  # only padding x padding is masked, as HF
+    x = x.reshape(1, -1, d)
+
+    def layer(h, pre, gated):
+        q, k, v = (torch.nn.functional.linear(ln(h, pre + "ln1", eps), t[f"{pre}attn_{c}.weight"])
+                   .view(1, -1, heads, d // heads).transpose(1, 2) for c in "qkv")
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(h.shape)
+        a = torch.nn.functional.linear(a, t[pre + "attn_out.weight"])
+        h = h + (a * t[pre + "attn_gate"] if gated else a)
+        m = torch.nn.functional.linear(ln(h, pre + "ln2", eps), t[pre + "ffn_up.weight"], t[pre + "ffn_up.bias"])
+        m = torch.nn.functional.linear(torch.nn.functional.gelu(m), t[pre + "ffn_down.weight"],
+                                       t[pre + "ffn_down.bias"])
+        return h + (m * t[pre + "ffn_gate"] if gated else m)
+
+    kept = {}
+    for i in range(f["clip.vision.block_count"]):
+        x = layer(x, f"v.blk.{i}.", False)
+        kept[i] = x
+    x = ln(x, "v.post_ln", outer).view(n_tiles_max, n_pad, d)
+    x = (x + t["v.post_tile_position_embd.weight"][aspect_ratio_id].view(n_tiles_max, 1, d) *
+         t["v.post_tile_position_embd.gate"]).reshape(1, -1, d)
+    for i in range(f["llama3v.mllama.global_block_count"]):
+        x = layer(x, f"v.global.blk.{i}.", True)
+    inter = torch.stack([kept[i] for i in f["llama3v.mllama.intermediate_layers"]], dim=-1)
+    feats = torch.cat([x.view(n_tiles_max, n_pad, d), inter.reshape(n_tiles_max, n_pad, -1)], dim=-1)[:, :n_pos]
+    out = torch.nn.functional.linear(feats, t["mm.0.weight"], t["mm.0.bias"])
+    return out.reshape(-1, out.shape[-1]).numpy()
+
+
+def test_the_mmproj_alone_reproduces_the_vision_states(built):
+    """Every key and tensor the encoder needs is in the file, with the semantics docs/formats.md gives them."""
+    from llama3v.evaluation.scenes import scene
+    from llama3v.models.mllama import MllamaReference
+    from llama3v.runtime.mllama_image import mllama_tiles
+
+    ckpt, _, mmproj, _ = built
+    ref = MllamaReference.from_checkpoint(ckpt)
+    for w, h in ((90, 30), (28, 28)):
+        tiles = mllama_tiles(scene(4, w, h), SPEC.image_size, SPEC.max_tiles)
+        want = ref.vision_states(tiles.tiles, tiles.aspect_ratio_id)
+        got = _vision_states_from_mmproj(mmproj, tiles.tiles, tiles.aspect_ratio_id)
+        diff = float(np.abs(got - want).max())
+        print(f"{tiles.grid}: max abs diff of the states from the mmproj alone {diff:.3g}")
+        assert got.shape == want.shape and diff < 1e-4 and want.std() > 0.1
+
+
 # Widths that are whole q8_0 / q4_x blocks, so the quantized types really apply.
 WIDE = TinyMllamaSpec(vision_hidden=64, vision_heads=2, vision_ff=128, text_hidden=64, text_heads=4,
                       text_kv_heads=2, text_ff=128, seed=1)
