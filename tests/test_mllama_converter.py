@@ -241,6 +241,94 @@ def test_the_mmproj_alone_reproduces_the_vision_states(built):
         assert got.shape == want.shape and diff < 1e-4 and want.std() > 0.1
 
 
+def _logits_from_model_gguf(path, ids: list[int], states: np.ndarray | None, n_tiles: list[int]) -> np.ndarray:
+    """The decoder computed from the model GGUF alone, as llama.cpp would: interleaved rope on the permuted
+    Q/K with `rope_freqs`, tanh of the raw gates, HF's cross-attention mask (docs/mllama.md)."""
+    from llama3v.mllama_format import cross_attention_spans
+
+    t = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in gguf_tensors(path).items()}
+    f = {k: v[1] for k, v in gguf_fields(path).items()}
+    n_head, n_kv, hd = f["mllama.attention.head_count"], f["mllama.attention.head_count_kv"], \
+        f["mllama.rope.dimension_count"]
+    eps, cross = f["mllama.attention.layer_norm_rms_epsilon"], f["mllama.attention.cross_attention_layers"]
+    T = len(ids)
+    freqs = f["mllama.rope.freq_base"] ** (-torch.arange(0, hd, 2).double() / hd) / t["rope_freqs.weight"].double()
+    angle = (torch.arange(T).double()[:, None] * freqs[None]).float()  # [T, hd/2]
+
+    def rope(x):  # x [T, heads, hd]; llama.cpp's "normal" rope rotates adjacent pairs
+        x = x.view(T, x.shape[1], hd // 2, 2)
+        c, s = angle.cos()[:, None], angle.sin()[:, None]
+        return torch.stack([x[..., 0] * c - x[..., 1] * s, x[..., 0] * s + x[..., 1] * c], -1).flatten(2)
+
+    def rms(x, w):
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    def lin(x, name):
+        return torch.nn.functional.linear(x, t[name])
+
+    def ffn(x, b):
+        return lin(torch.nn.functional.silu(lin(x, b + "ffn_gate.weight")) * lin(x, b + "ffn_up.weight"),
+                   b + "ffn_down.weight")
+
+    if states is not None:
+        sees = torch.zeros(T, len(n_tiles), SPEC.max_tiles)
+        for i, ((a, e), n) in enumerate(zip(cross_attention_spans(ids, f["llama3v.mllama.image_token_id"]), n_tiles,
+                                            strict=True)):
+            sees[a:e, i, :n] = 1
+        sees = sees.repeat_interleave(states.shape[0] // (len(n_tiles) * SPEC.max_tiles), dim=2).reshape(T, -1)
+        row = sees.any(-1, keepdim=True).float()
+        mask = torch.where(sees.bool() | ~row.bool(), 0.0, float("-inf"))  # rows that see nothing: uniform
+        s_t = torch.from_numpy(states)
+    x = t["token_embd.weight"][torch.tensor(ids)]
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(f["mllama.block_count"]):
+        b = f"blk.{i}."
+        h = rms(x, t[b + "attn_norm.weight"])
+        if i in cross:
+            if states is None:
+                continue  # text only: the cross-attention layers are skipped
+            q = rms(lin(h, b + "cross_attn_q_proj.weight").view(T, n_head, hd), t[b + "cross_attn_q_norm.weight"])
+            k = rms(lin(s_t, b + "cross_attn_k_proj.weight").view(-1, n_kv, hd), t[b + "cross_attn_k_norm.weight"])
+            v = lin(s_t, b + "cross_attn_v_proj.weight").view(-1, n_kv, hd)
+            att = mask
+        else:
+            q = rope(lin(h, b + "attn_q.weight").view(T, n_head, hd))
+            k = rope(lin(h, b + "attn_k.weight").view(T, n_kv, hd))
+            v = lin(h, b + "attn_v.weight").view(T, n_kv, hd)
+            att = causal
+        k, v = (z.repeat_interleave(n_head // n_kv, dim=1).transpose(0, 1) for z in (k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=att)
+        a = a.transpose(0, 1).reshape(T, -1)
+        if i in cross:
+            x = x + torch.tanh(t[b + "cross_attn_attn_gate"]) * lin(a, b + "cross_attn_o_proj.weight")
+            x = x + torch.tanh(t[b + "cross_attn_mlp_gate"]) * row * ffn(rms(x, t[b + "ffn_norm.weight"]), b)
+        else:
+            x = x + lin(a, b + "attn_output.weight")
+            x = x + ffn(rms(x, t[b + "ffn_norm.weight"]), b)
+    return lin(rms(x, t["output_norm.weight"]), "output.weight").numpy()
+
+
+def test_the_model_gguf_alone_reproduces_the_logits(built):
+    """The decoder file is complete: permuted Q/K, rope_freqs, raw gates and the mask rules give the reference."""
+    from llama3v.evaluation.scenes import scene
+    from llama3v.models.mllama import MllamaReference
+    from llama3v.runtime.mllama_image import mllama_tiles
+
+    ckpt, model, _, _ = built
+    ref = MllamaReference.from_checkpoint(ckpt)
+    image = ref.config.image_token_index
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(0, 400, 6)] + [image] + [int(i) for i in rng.integers(0, 400, 30)]
+    tiles = mllama_tiles(scene(4, 90, 30), SPEC.image_size, SPEC.max_tiles)
+    states = ref.vision_states(tiles.tiles, tiles.aspect_ratio_id)
+    for prompt, images, st in ((ids, [(tiles.tiles, tiles.aspect_ratio_id)], states), (ids[:6], [], None)):
+        want = ref.logits(prompt, images)
+        got = _logits_from_model_gguf(model, prompt, st, [tiles.n_tiles] if images else [])
+        diff = float(np.abs(got - want).max())
+        print(f"{len(prompt)} positions, {len(images)} image: max abs logits diff from the model GGUF alone {diff:.3g}")
+        assert diff < 1e-4 and want.std() > 1.0
+
+
 # Widths that are whole q8_0 / q4_x blocks, so the quantized types really apply.
 WIDE = TinyMllamaSpec(vision_hidden=64, vision_heads=2, vision_ff=128, text_hidden=64, text_heads=4,
                       text_kv_heads=2, text_ff=128, seed=1)
