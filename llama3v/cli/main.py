@@ -16,7 +16,7 @@ from pathlib import Path
 from llama3v import __version__
 from llama3v.errors import Llama3vError
 from llama3v.quant import types as quant_types
-from llama3v.runtime.options import SessionOptions
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS, SAMPLING, SessionOptions
 from llama3v.runtime.video import Sampling
 
 
@@ -65,6 +65,11 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
 
 
+def _add_temperature(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=SAMPLING.temperature,
+                   help=f"temperature; 0 is greedy ({SAMPLING.temperature})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="llama3v", description="LLaVA-style vision-language models on llama.cpp.")
@@ -104,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("-p", "--prompt", required=True, help="the user's message")
     p.add_argument("--system", help="a system message (none by default)")
-    p.add_argument("-n", "--n-predict", type=int, default=256, metavar="N", help="most tokens to generate (256)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="top-k (40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p (0.95)")
+    p.add_argument("-n", "--n-predict", type=int, default=SAMPLING.max_tokens, metavar="N",
+                   help=f"most tokens to generate ({SAMPLING.max_tokens})")
+    _add_temperature(p)
+    p.add_argument("--top-k", type=int, default=SAMPLING.top_k, help=f"top-k ({SAMPLING.top_k})")
+    p.add_argument("--top-p", type=float, default=SAMPLING.top_p, help=f"top-p ({SAMPLING.top_p})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (random by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, timings)")
     _add_media(p)
@@ -119,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "follow-ups decode only their new tokens. With --verbose, a line of statistics per turn.")
     _add_model(p)
     p.add_argument("--system", help="a system message")
-    p.add_argument("-n", "--n-predict", type=int, default=512, metavar="N", help="most tokens per answer (512)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (0.8)")
+    p.add_argument("-n", "--n-predict", type=int, default=CONVERSATION_MAX_TOKENS, metavar="N",
+                   help=f"most tokens per answer ({CONVERSATION_MAX_TOKENS})")
+    _add_temperature(p)
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llama3v.runtime import openai_api as oa
-from llama3v.runtime.options import SessionOptions
+from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.session import Session
 
 
@@ -50,8 +50,8 @@ class Llama3vChatHandler:
         try:
             converted = oa.session_messages(messages, self.media, temp_files)
             stops = [stop] if isinstance(stop, str) else list(stop or [])
-            gen = self.session(llama).chat(converted, max_tokens=max_tokens or 256, temperature=temperature,
-                                           top_p=top_p, top_k=top_k, seed=seed, stop=stops)
+            gen = self.session(llama).chat(converted, max_tokens=max_tokens or SAMPLING.max_tokens,
+                                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops)
         except BaseException:
             _remove(temp_files)
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from llama3v.errors import Llama3vError
+from llama3v.runtime.options import SAMPLING
 from llama3v.runtime.session import Result
 
 
@@ -131,7 +132,7 @@ def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Pat
     return out
 
 
-def sampling(body: dict, default_max_tokens: int = 256) -> dict:
+def sampling(body: dict, default_max_tokens: int = SAMPLING.max_tokens) -> dict:
     """Session sampling options from an OpenAI request body."""
     try:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or default_max_tokens

@@ -11,6 +11,22 @@ from llama3v.runtime.video import Sampling
 from llama3v.runtime.video_budget import DEFAULT_MEASURE
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What `Session.generate`/`chat` and `llama3v run` use when not told; OpenAI requests keep OpenAI's defaults
+    (runtime/openai_api.py) and the chat handler llama-cpp-python's."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+
+
+SAMPLING = SamplingDefaults()
+# A conversation's answers (`llama3v chat`, the server when a request sets no max_tokens) may run longer.
+CONVERSATION_MAX_TOKENS = 512
+
+
 @dataclass
 class SessionOptions:
     """A session's settings: the first group is fixed when the model loads; the media group may change between

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llama3v.errors import Llama3vError
 from llama3v.runtime import openai_api as oa
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.runtime.session import Session
 
 log = logging.getLogger("llama3v.server")
@@ -37,7 +38,7 @@ class ServerConfig:
     max_queue: int = 16
     request_timeout_s: float = 600.0
     body_timeout_s: float = 30.0  # a client that trickles its body this long is dropped (slow-client attacks)
-    default_max_tokens: int = 512
+    default_max_tokens: int = CONVERSATION_MAX_TOKENS
 
 
 @dataclass

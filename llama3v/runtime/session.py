@@ -32,7 +32,7 @@ from llama3v.runtime.media import (
     sample_video,
     video_parts,
 )
-from llama3v.runtime.options import SessionOptions
+from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.prompt import Message, message_from_openai, render
 from llama3v.runtime.video_budget import default_budget
 
@@ -166,14 +166,15 @@ class Session:
     def chat(self, messages: list[dict], **sampling: object) -> Generation:
         """Continue a conversation given as OpenAI-style messages (text, image and video parts).
 
-        Sampling: max_tokens=256, temperature=0.8 (0: greedy), top_k=40, top_p=0.95, seed=None,
-        stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
+        Sampling (defaults: runtime/options.py, SAMPLING): max_tokens, temperature (0: greedy), top_k, top_p,
+        seed=None, stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
         all_logits=False (keep prompt logits, for tests).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
-    def _run(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-             top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
+    def _run(self, messages: list[Message], max_tokens: int = SAMPLING.max_tokens,
+             temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
+             seed: int | None = None, stop: list[str] | None = None,
              logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
         prompt, media_info = self._prepare(messages, max_tokens)
         sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
