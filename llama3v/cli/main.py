@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", parents=[common], help="convert a Hugging Face LLaVA checkpoint to GGUF",
-                       description="Convert a LLaVA-style Hugging Face checkpoint into OUTDIR/model-<type>.gguf "
-                       "(Llama-3 decoder, tokenizer, chat template) and OUTDIR/mmproj-<type>.gguf "
-                       "(vision tower + projector in llama.cpp's mmproj format).")
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert a Hugging Face LLaVA or Llama-3.2-Vision checkpoint to GGUF",
+                       description="Convert a LLaVA-style or Llama-3.2-Vision (mllama) Hugging Face checkpoint "
+                       "into OUTDIR/model-<type>.gguf (Llama-3 decoder, tokenizer, chat template) and "
+                       "OUTDIR/mmproj-<type>.gguf (vision tower + projector in llama.cpp's mmproj format; "
+                       "docs/formats.md).")
     p.add_argument("src", help="checkpoint directory (config.json + safetensors or .bin), or a Hugging Face Hub id "
                    "(org/name; fetched into the Hugging Face cache, only the files the converter reads)")
     p.add_argument("--revision", help="Hub ids: a branch, tag or commit (default: main)")
