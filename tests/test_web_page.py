@@ -1,13 +1,15 @@
 """The chat page of `llama3v serve` in a real headless Chromium (Debian's package, driven by Selenium).
 
 Skips only when no Chromium/chromedriver is installed (`scripts/setup.sh` installs them where it can).
-Saves docs/web-ui.png, the screenshot the README shows.
+The end-to-end test takes a screenshot; with LLAMA3V_UPDATE_SCREENSHOT=1 it replaces docs/web-ui.png, the one
+the README shows (a plain test run leaves the tracked file alone).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -99,7 +101,7 @@ def _ask(driver, question: str, press_enter: bool):
     return answer
 
 
-def test_chat_page_end_to_end(server, browser, photo):
+def test_chat_page_end_to_end(server, browser, photo, tmp_path):
     d = browser
     d.get(server)
     d.execute_script("sessionStorage.clear()")
@@ -146,8 +148,9 @@ def test_chat_page_end_to_end(server, browser, photo):
                          {"type": "image_url", "image_url": {"url": uri}},
                          {"type": "text", "text": "What is in the image?"}]}], "temperature": 0, "max_tokens": 16})
     assert api.json()["choices"][0]["message"]["content"] == first.find_element("css selector", ".text").text
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    d.save_screenshot(str(SCREENSHOT))
+    shot = SCREENSHOT if os.environ.get("LLAMA3V_UPDATE_SCREENSHOT") == "1" else tmp_path / "web-ui.png"
+    assert d.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] > 0
 
 
 def test_errors_are_shown_as_the_api_reports_them(server, browser, tmp_path, photo):
