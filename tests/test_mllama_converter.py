@@ -442,11 +442,11 @@ def test_quantize_refuses_an_mllama_model_and_requantizes_its_mmproj(built, tmp_
     assert gguf_fields(out)["clip.projector_type"][1] == "mllama"
 
 
-def test_run_and_embed_refuse_mllama_files_clearly(built, picture):
-    _, model, mmproj, _ = built
-    for args in (["run", "--model", str(model), "--mmproj", str(mmproj), "--image", str(picture), "-p", "hi"],
-                 ["embed", "--mmproj", str(mmproj), "--image", str(picture), "-o", str(model.parent / "e.npy")]):
-        r = subprocess.run([sys.executable, "-m", "llama3v.cli", *args], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1, r.stderr
-        assert "mllama inference needs llama3v's mllama engine patch" in r.stderr
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_embed_refuses_an_mllama_mmproj_clearly(built, picture):
+    """embed writes the rows that enter the context; an mllama image enters as cross-attention states instead."""
+    _, _, mmproj, _ = built
+    r = subprocess.run([sys.executable, "-m", "llama3v.cli", "embed", "--mmproj", str(mmproj), "--image", str(picture),
+                        "-o", str(mmproj.parent / "e.npy")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "its vision states are not rows of the context" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

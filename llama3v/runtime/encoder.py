@@ -14,7 +14,7 @@ from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.gguf_header import read_tensor
 from llama3v.runtime import engine, selfcheck
-from llama3v.runtime.gguf_check import check_mmproj, read_gguf
+from llama3v.runtime.gguf_check import check_mmproj, is_mllama, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
 
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
@@ -35,6 +35,9 @@ class VisionEncoder:
     ):
         self.path = Path(mmproj_path)
         info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
+        if is_mllama(info):  # its states are cross-attention inputs, not context rows: runtime/mllama.py encodes it
+            raise info.fail("a Llama-3.2-Vision (mllama) mmproj: its vision states are not rows of the context, so "
+                            "`embed` and libmtmd do not take it; run it with its model (docs/mllama.md)")
         self.n_embd = check_mmproj(info)
         if S.FEATURE_LAYER not in info.kv:
             warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)

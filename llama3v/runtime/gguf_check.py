@@ -18,9 +18,14 @@ from llama3v.gguf_header import GGUFInfo, read_gguf
 
 V = GGUFValueType
 VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
-MLLAMA_NOT_YET = ("a Llama-3.2-Vision (mllama) file: mllama inference needs llama3v's mllama engine patch, "
-                  "which this build does not have yet (docs/mllama.md)")
-__all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair"]
+# What llama3v's mllama engine (patches 0005, 0006) reads with an asserting getter: types checked first.
+MLLAMA_MMPROJ_KEYS = {S.IMAGE_SIZE: V.UINT32, S.PATCH_SIZE: V.UINT32, S.EMBEDDING_LENGTH: V.UINT32,
+                      S.HEAD_COUNT: V.UINT32, S.BLOCK_COUNT: V.UINT32, S.PROJECTION_DIM: V.UINT32,
+                      S.LAYER_NORM_EPS: V.FLOAT32, S.MLLAMA_MAX_NUM_TILES: V.UINT32,
+                      S.MLLAMA_GLOBAL_BLOCK_COUNT: V.UINT32, S.MLLAMA_OUTER_LN_EPS: V.FLOAT32,
+                      S.MLLAMA_INTERMEDIATE_LAYERS: V.ARRAY, S.MLLAMA_ASPECT_RATIOS: V.ARRAY,
+                      S.IMAGE_MEAN: V.ARRAY, S.IMAGE_STD: V.ARRAY}
+__all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair", "is_mllama"]
 
 
 def read_model(path: str | Path) -> GGUFInfo:
@@ -31,22 +36,35 @@ def read_model(path: str | Path) -> GGUFInfo:
 def check_llm(info: GGUFInfo) -> int:
     """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
     arch = info.get("general.architecture")
-    if arch == S.MLLAMA_LLM_ARCH:
-        raise info.fail(MLLAMA_NOT_YET)
-    if arch != S.LLM_ARCH:
-        raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
-    n_embd = info.get(S.EMBEDDING_LENGTH_LLM)
-    if info.kv.get(S.EMBEDDING_LENGTH_LLM, (None,))[0] != V.UINT32 or not n_embd:
-        raise info.fail(f"{S.EMBEDDING_LENGTH_LLM} missing or not a u32")
+    if arch not in (S.LLM_ARCH, S.MLLAMA_LLM_ARCH):
+        raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' and 'mllama' models)")
+    key = f"{arch}.embedding_length"
+    n_embd = info.get(key)
+    if info.kv.get(key, (None,))[0] != V.UINT32 or not n_embd:
+        raise info.fail(f"{key} missing or not a u32")
     embd = info.tensors.get(S.TOKEN_EMBD)
     if embd is None or embd.dims[0] != n_embd:
         raise info.fail(f"{S.TOKEN_EMBD} missing or not {n_embd} wide")
-    _check_vocab(info, embd.rows)
+    n_tokens = _check_vocab(info, embd.rows, exact=arch == S.LLM_ARCH)
+    if arch == S.MLLAMA_LLM_ARCH:
+        image = info.get(S.MLLAMA_IMAGE_TOKEN_ID)
+        if info.kv.get(S.MLLAMA_IMAGE_TOKEN_ID, (None,))[0] != V.UINT32 or not 0 <= image < n_tokens:
+            raise info.fail(f"{S.MLLAMA_IMAGE_TOKEN_ID} missing, not a u32 or outside the vocabulary")
+        if info.kv.get(S.MLLAMA_CROSS_ATTENTION_LAYERS, (None,))[0] != V.ARRAY:
+            raise info.fail(f"{S.MLLAMA_CROSS_ATTENTION_LAYERS} missing")
     return int(n_embd)
 
 
-def _check_vocab(info: GGUFInfo, n_rows: int) -> None:
-    """llama.cpp asserts (aborts) on a vocabulary with duplicate entries and misbehaves on others."""
+def is_mllama(info: GGUFInfo) -> bool:
+    """True for a Llama-3.2-Vision model or mmproj."""
+    return (info.get("general.architecture") == S.MLLAMA_LLM_ARCH or
+            info.get(S.PROJECTOR_TYPE) == S.MLLAMA_PROJECTOR_TYPE)
+
+
+def _check_vocab(info: GGUFInfo, n_rows: int, exact: bool = True) -> int:
+    """llama.cpp asserts (aborts) on a vocabulary with duplicate entries and misbehaves on others; return its size.
+
+    `exact`: one embedding row per token (mllama files keep HF's spare rows after the vocabulary)."""
     model = info.get(S.TOKENIZER_MODEL)
     if model != "gpt2":
         raise info.fail(f"tokenizer {model!r} is not supported (llama3v runs Llama-3's byte-level BPE, 'gpt2')")
@@ -58,13 +76,14 @@ def _check_vocab(info: GGUFInfo, n_rows: int) -> None:
         raise info.fail("a vocabulary token contains a NUL byte")
     if len(set(tokens)) != len(tokens):
         raise info.fail("the vocabulary has duplicate tokens")
-    if len(tokens) != n_rows:
+    if len(tokens) != n_rows if exact else len(tokens) > n_rows:
         raise info.fail(f"the vocabulary has {len(tokens)} tokens but {S.TOKEN_EMBD} has {n_rows} rows")
     if types is not None and (len(types) != len(tokens) or any(not 1 <= t <= 5 for t in types)):
         raise info.fail("tokenizer.ggml.token_type does not match the vocabulary")
     for key in (S.BOS_ID, S.EOS_ID):
         if key in info.kv and not 0 <= info.get(key) < len(tokens):
             raise info.fail(f"{key} is outside the vocabulary")
+    return len(tokens)
 
 
 def check_mmproj(info: GGUFInfo) -> int:
@@ -72,7 +91,7 @@ def check_mmproj(info: GGUFInfo) -> int:
     if info.get("general.architecture") != S.CLIP_ARCH:
         raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
     if info.get(S.PROJECTOR_TYPE) == S.MLLAMA_PROJECTOR_TYPE:
-        raise info.fail(MLLAMA_NOT_YET)
+        return _check_mllama_mmproj(info)
     for key, vtype in S.MMPROJ_REQUIRED.items():
         if key not in info.kv:
             raise info.fail(f"missing key {key}")
@@ -126,9 +145,20 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
     return info.tensors[mm2 if mm2 in info.tensors else mm0].rows
 
 
+def _check_mllama_mmproj(info: GGUFInfo) -> int:
+    """Check the keys llama3v's mllama encoder reads; return its output width."""
+    for key, vtype in MLLAMA_MMPROJ_KEYS.items():
+        if info.kv.get(key, (None,))[0] != vtype:
+            raise info.fail(f"key {key} missing or not a {vtype.name}")
+    return int(info.get(S.PROJECTION_DIM))
+
+
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
-    """Check an mmproj feeds embeddings of the width the model expects."""
+    """Check an mmproj feeds embeddings of the width the model expects, to a model of its family."""
     n_embd, width = check_llm(model), check_mmproj(mmproj)
+    if is_mllama(model) != is_mllama(mmproj):
+        raise Llama3vError(f"{mmproj.path} and {model.path} do not belong together: one is a Llama-3.2-Vision "
+                           "(mllama) file and the other is not")
     if n_embd != width:
         raise Llama3vError(
             f"{mmproj.path} projects to {width}-wide embeddings but {model.path} expects {n_embd}: "

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.progress import Progress
+from llama3v.runtime import engine
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
+from llama3v.runtime.gguf_check import check_llm, check_pair, is_mllama, read_gguf, read_model
 from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
@@ -33,6 +35,7 @@ from llama3v.runtime.media import (
     sample_video,
     video_parts,
 )
+from llama3v.runtime.mllama import CrossImages, MllamaEncoder, MllamaImage
 from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.prompt import Message, message_from_openai, render
 from llama3v.runtime.video_budget import default_budget
@@ -92,11 +95,16 @@ class Generation:
 @dataclass
 class _Prompt:
     runs: list[list[int] | Rows]
+    images: list[MllamaImage] = field(default_factory=list)  # mllama: the images of its <|image|> tokens, in order
+    image_token: int | None = None
 
     def identities(self) -> list:
         out: list = []
         for run in self.runs:
             out.extend(run if isinstance(run, list) else ((run.key, i) for i in range(run.n)))
+        if self.images:  # an <|image|> token is that image, not just its id
+            keys = iter(img.key for img in self.images)
+            out = [("image", next(keys)) if t == self.image_token else t for t in out]
         return out
 
     def token_view(self) -> list[int | None]:
@@ -119,6 +127,10 @@ class Session:
         model_info = read_model(model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
+        elif is_mllama(model_info):
+            check_llm(model_info)
+        if is_mllama(model_info):
+            engine.mllama_lib()  # a clear error, before libllama meets an architecture it does not know
         self.model = TextModel(model_path, n_gpu_layers=o.n_gpu_layers, info=model_info)
         self.ctx = Context(self.model, n_ctx=o.n_ctx, n_batch=o.n_batch, n_threads=o.n_threads, kv_type=o.kv_type,
                            flash_attn=o.flash_attn)
@@ -145,7 +157,13 @@ class Session:
     def _setup(self, mmproj_path: str | Path | None, n_threads: int | None, use_gpu: bool,
                progress: Progress | None) -> None:
         self.encoder = None
-        if mmproj_path is not None:
+        self.cross = None  # mllama: the images attached to the context (runtime/mllama.py)
+        if is_mllama(self.model.info):
+            self.cross = CrossImages(self.ctx.ptr)
+            self.image_token = int(self.model.info.get(S.MLLAMA_IMAGE_TOKEN_ID))
+            if mmproj_path is not None:
+                self.encoder = MllamaEncoder(mmproj_path, n_threads)
+        elif mmproj_path is not None:
             self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads, use_gpu=use_gpu,
                                          flash_attn=self.options.flash_attn)
         self.cache = EncodeCache(self.options.encode_cache_bytes)
@@ -212,6 +230,8 @@ class Session:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
+        if self.cross is not None:
+            return self._prepare_mllama(pieces, media)
         o = self.options
         images = {i: image_parts(src, i, self.encoder, self.cache, o.max_tiles, o.image_layout, self.progress)
                   for i, (kind, src) in enumerate(media) if kind == "image"}
@@ -248,6 +268,23 @@ class Session:
             raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
                                f"{self.ctx.n_ctx}: {', '.join(knobs)}")
         return prompt, [describe(parts) for parts in expanded]
+
+    def _prepare_mllama(self, pieces: list[str | int], media: list) -> tuple[_Prompt, list[MediaInfo]]:
+        """The prompt of an mllama model: plain tokens, each image one <|image|> token (its states are attached)."""
+        if any(kind != "image" for kind, _ in media):
+            raise Llama3vError("Llama-3.2-Vision (mllama) models take images, not videos")
+        images = []
+        for i, (_, source) in enumerate(media):
+            tiles = self.encoder.tiles(source)
+            info = MediaInfo(i, "image", [0.0], layout="mllama", grid=list(tiles.grid), n_tiles=tiles.n_tiles)
+            images.append(MllamaImage(self.encoder.key(tiles), tiles, info))
+        tokens: list[int] = []
+        for piece in pieces:
+            tokens.extend([self.image_token] if isinstance(piece, int) else self.model.tokenize(piece))
+        if not self.ctx.fits(len(tokens) + 1):  # the prompt and the answer's first token
+            raise Llama3vError(f"the prompt needs {len(tokens)} positions but the context holds {self.ctx.n_ctx}: "
+                               "raise --n-ctx or shorten the prompt")
+        return _Prompt([tokens], images, self.image_token), [img.info for img in images]
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
                 stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
@@ -287,6 +324,8 @@ class Session:
             decode_s = time.perf_counter() - t2
             timings = {"encode_ms": (t1 - t0) * 1e3, "prompt_ms": (t2 - t1) * 1e3, "decode_ms": decode_s * 1e3,
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
+            if self.cross is not None:  # mllama: computing the images' cross-attention K/V, within encode_ms
+                timings["cross_states_ms"] = self._cross_ms
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
                                 logprobs=list(gen.logprobs) if logprobs is not None else None,
@@ -301,6 +340,12 @@ class Session:
         `prompt_logits` (every decoded position) with all_logits.
         """
         ids = prompt.identities()
+        if self.cross is not None:
+            plan = self.cross.plan(prompt.runs[0] if prompt.runs else [], self.image_token, prompt.images)
+            if plan != self.cross.attached:
+                self._held = []  # text before the first image depends on every image: nothing is reusable
+                self.ctx.truncate(0)
+            self._cross_ms = self.cross.sync(plan, prompt.images, self.encoder, self.cache)
         # Keep what the KV cache already holds, but decode at least the last position for its logits.
         keep = min(_common_prefix(self._held, ids), len(ids) - 1)
         todo = self._runs_after(prompt, keep)
@@ -353,6 +398,8 @@ class Session:
         """Forget the conversation held in the KV cache (encoded images stay cached)."""
         self._held = []
         self.ctx.truncate(0)
+        if self.cross is not None:
+            self.cross.clear()
 
     def close(self) -> None:
         """Free llama.cpp's resources."""
