@@ -430,12 +430,15 @@ def test_bad_configs_are_refused(tmp_path, change, message):
         convert(ckpt, tmp_path / "out", "f32", "f32")
 
 
-def test_quantize_refuses_an_mllama_model_and_requantizes_its_mmproj(built, tmp_path):
+def test_quantize_handles_an_mllama_model_and_its_mmproj(built, tmp_path):
+    """llama.cpp's quantizer knows the mllama architecture through llama3v's engine patch 0005."""
     from llama3v.cli.quantize import quantize_file
 
     _, model, mmproj, _ = built
-    with pytest.raises(Llama3vError, match="needs the mllama engine patch"):
-        quantize_file(model, "q4_k_m", tmp_path / "m.gguf")
+    q = quantize_file(model, "q4_k_m", tmp_path / "m.gguf")
+    llm_types = {t.name: t.tensor_type for t in GGUFReader(q).tensors}
+    assert gguf_fields(q)["general.architecture"][1] == "mllama"
+    assert llm_types["blk.1.cross_attn_attn_gate"] == Q.F32 and llm_types["blk.1.cross_attn_q_norm.weight"] == Q.F32
     out = quantize_file(mmproj, "q8_0", tmp_path / "mm.gguf")
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     assert types["v.tile_position_embd.weight"] == Q.F16 and types["v.global.blk.0.attn_gate"] == Q.F32

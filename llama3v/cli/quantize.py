@@ -1,7 +1,7 @@
 """`llama3v quantize`: one GGUF in, the same kind of file in another type out.
 
 An mmproj (architecture `clip`) goes through quant/requantize.py, whose kept-precision rule it
-shares with `convert`; an LLM (architecture `llama`) through llama.cpp's own quantizer (quant/llm.py).
+shares with `convert`; an LLM (architecture `llama` or `mllama`) through llama.cpp's own quantizer (quant/llm.py).
 It imports no torch.
 """
 
@@ -18,7 +18,7 @@ from llama3v.progress import Progress, bars
 from llama3v.quant.llm import quantize_llm
 from llama3v.quant.requantize import requantize_mmproj
 
-_PREFIX = {"clip": "mmproj", "llama": "model"}  # convert's names: mmproj-<type>.gguf, model-<type>.gguf
+_PREFIX = {"clip": "mmproj", "llama": "model", S.MLLAMA_LLM_ARCH: "model"}  # mllama: llama3v's engine patch 0005  # convert's names: mmproj-<type>.gguf, model-<type>.gguf
 
 
 def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, force: bool = False,
@@ -27,11 +27,8 @@ def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, fo
     """Write mmproj or LLM `src` as `qtype` to `dst` (default: mmproj-<type>.gguf or model-<type>.gguf beside it)."""
     src = Path(src)
     arch = read_gguf(src).get("general.architecture")
-    if arch == S.MLLAMA_LLM_ARCH:
-        raise Llama3vError(f"{src}: an mllama model; llama.cpp's quantizer needs the mllama engine patch, which "
-                           "this build does not have yet (docs/mllama.md). convert writes f32, f16, bf16 and q8_0")
     if arch not in _PREFIX:
-        raise Llama3vError(f"{src}: architecture {arch!r} is neither an mmproj ('clip') nor a llama model")
+        raise Llama3vError(f"{src}: architecture {arch!r} is neither an mmproj ('clip') nor a llama or mllama model")
     dst = Path(dst) if dst is not None else src.with_name(f"{_PREFIX[arch]}-{qtype.lower()}.gguf")
     if arch == "clip":
         return requantize_mmproj(src, dst, qtype, force=force, allow_requantize=allow_requantize, progress=progress)
