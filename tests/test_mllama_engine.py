@@ -167,3 +167,23 @@ def test_run_json_reports_the_image_token(built, photo):
     out = json.loads(r.stdout)
     assert out["prompt_tokens"].count(ref.config.image_token_index) == 1
     assert out["media"][0]["n_tiles"] >= 1 and "cross_states_ms" in out["timings"] and len(out["tokens"]) == 4
+
+
+def test_two_images_each_seen_by_its_own_span(built, session):
+    """Text before the first image, between the images and after: HF's spans (docs/mllama.md, rule 3)."""
+    _, _, ref = built
+    images = [scene(1, 90, 30), scene(2, 25, 80)]
+    tiles = [session.encoder.tiles(im) for im in images]
+    session.reset()
+    session.cache = EncodeCache()
+    for t in tiles:  # the decoder alone: the reference's states
+        session.cache.get(session.encoder.key(t), lambda t=t: ref.vision_states(t.tiles, t.aspect_ratio_id))
+    result = session.generate("Look: <image> versus <image> which?", images=images, temperature=0,
+                              max_tokens=1, all_logits=True).wait()
+    ids = result.prompt_tokens
+    image_at = [i for i, t in enumerate(ids) if t == ref.config.image_token_index]
+    assert len(image_at) == 2 and image_at[1] - image_at[0] > 1
+    want = ref.logits(ids, [(t.tiles, t.aspect_ratio_id) for t in tiles])
+    diff = float(np.abs(session.prompt_logits[:, :want.shape[1]] - want).max())
+    print(f"two images ({tiles[0].grid}, {tiles[1].grid}), {len(ids)} positions: max abs logits diff {diff:.3g}")
+    assert diff < 1e-4
