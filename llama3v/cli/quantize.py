@@ -18,7 +18,8 @@ from llama3v.progress import Progress, bars
 from llama3v.quant.llm import quantize_llm
 from llama3v.quant.requantize import requantize_mmproj
 
-_PREFIX = {"clip": "mmproj", "llama": "model", S.MLLAMA_LLM_ARCH: "model"}  # mllama: llama3v's engine patch 0005  # convert's names: mmproj-<type>.gguf, model-<type>.gguf
+# convert's names: mmproj-<type>.gguf, model-<type>.gguf (mllama models: llama.cpp knows them through patch 0005)
+_PREFIX = {"clip": "mmproj", "llama": "model", S.MLLAMA_LLM_ARCH: "model"}
 
 
 def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, force: bool = False,

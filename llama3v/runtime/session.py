@@ -23,7 +23,7 @@ from llama3v.progress import Progress
 from llama3v.runtime import engine
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.gguf_check import check_llm, check_pair, is_mllama, read_gguf, read_model
+from llama3v.runtime.gguf_check import check_pair, is_mllama, read_gguf, read_model
 from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
@@ -127,8 +127,6 @@ class Session:
         model_info = read_model(model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
-        elif is_mllama(model_info):
-            check_llm(model_info)
         if is_mllama(model_info):
             engine.mllama_lib()  # a clear error, before libllama meets an architecture it does not know
         self.model = TextModel(model_path, n_gpu_layers=o.n_gpu_layers, info=model_info)
