@@ -1,16 +1,27 @@
-"""Convert a LLaVA-style Hugging Face checkpoint into `model-<type>.gguf` and `mmproj-<type>.gguf`."""
+"""Convert a LLaVA-style Hugging Face checkpoint into `model-<type>.gguf` and `mmproj-<type>.gguf`.
+
+All or nothing: both files are written into a hidden staging folder inside the destination
+(`.llama3v-convert.PID.partial`) and renamed into place together only when both are complete, so an
+interrupted, killed or failed conversion leaves neither file. A staging folder left by a killed
+conversion (its process gone) is deleted by the next conversion to that destination.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from llama3v.atomic import alive, remove_stale_partials
 from llama3v.converters.layouts import load_llava
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
 from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+
+STAGING = ".llama3v-convert.{pid}.partial"
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
@@ -36,12 +47,45 @@ def convert(
         raise Llama3vError(f"{', '.join(existing)} already exists; pass --force to overwrite")
 
     ckpt = load_llava(src, vision_tower)
-    # Plan both files before writing either, so a missing tensor leaves nothing behind.
+    # Plan both files before writing either, so a missing tensor fails before any work.
     mmproj_plan(ckpt, mmproj_type)
     llm_plan(ckpt, model_type)
     load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    write_llm(ckpt, model_path, model_type, progress)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(outdir)
+        for path in (model_path, mmproj_path):  # left by versions that wrote beside the destination
+            remove_stale_partials(path)
+        staging = outdir / STAGING.format(pid=os.getpid())
+        staging.mkdir()
+    except OSError as e:
+        raise Llama3vError(f"{outdir}: cannot write the output there ({e.strerror})") from None
+    try:
+        write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, progress)
+        write_llm(ckpt, staging / model_path.name, model_type, progress)
+        _publish(staging, model_path, mmproj_path)
+    except OSError as e:
+        raise Llama3vError(f"{outdir}: writing the output failed ({e.strerror})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model_path, mmproj_path
+
+
+def _publish(staging: Path, first: Path, second: Path) -> None:
+    """Rename both files from the staging folder into place; if the second rename fails, take back the first.
+    Two renames in one folder: only a kill in the microseconds between them can leave one file."""
+    os.replace(staging / first.name, first)
+    try:
+        os.replace(staging / second.name, second)
+    except BaseException:
+        first.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_staging(outdir: Path) -> None:
+    """Delete staging folders that killed conversions (kill -9, power loss) left in `outdir`."""
+    for old in outdir.glob(STAGING.format(pid="*")):
+        pid = old.name.split(".")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
