@@ -218,7 +218,7 @@ def sampling(body: dict, default_max_tokens: int = 256) -> dict:
         raise RequestError("max_tokens must be >= 1, temperature in [0, 100], top_p in (0, 1], top_k >= 0")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported")
-    if not isinstance(body.get("stream_options") or {}, dict):
+    if not isinstance(body.get("stream_options", {}) if body.get("stream_options") is not None else {}, dict):
         raise RequestError("stream_options must be an object")
     return out
 

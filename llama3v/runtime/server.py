@@ -215,7 +215,7 @@ _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
 def public_message(message: str, temp_files: list[Path]) -> str:
     """An error message fit for a client: no temporary paths of the server, no object addresses."""
     for path in temp_files:
-        message = message.replace(str(path) + "/", "").replace(str(path), "upload")
+        message = message.replace(str(path) + "/", "uploaded ").replace(str(path), "upload")
     return _ADDRESS.sub("", message.splitlines()[0] if message else message)
 
 
@@ -271,19 +271,24 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
 
 
 async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str):  # noqa: ANN001, ANN202
-    """Wait for a non-streamed answer, cancelling the job if the client goes away."""
+    """Wait for a non-streamed answer, cancelling the job if the client goes away (checked twice a second,
+    also while pieces keep arriving)."""
     try:
+        next_check = time.monotonic() + 0.5
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
+                event = await asyncio.wait_for(events.get(), timeout=max(0.0, next_check - time.monotonic()))
             except TimeoutError:
+                event = None
+            if time.monotonic() >= next_check:
                 if await request.is_disconnected():
                     return _error(499, "client disconnected")
+                next_check = time.monotonic() + 0.5
+            if event is None or event[0] == "piece":
                 continue
             if event[0] == "done":
                 return oa.completion(event[1], model, request_id)
-            if event[0] == "error":
-                return _error(event[1], event[2])
+            return _error(event[1], event[2])
     finally:
         job.cancel.set()  # no-op when finished; stops the worker if this handler is cancelled
 
