@@ -23,4 +23,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 fuzz: setup
-	$(BIN)/python tests/fuzz_harness.py --cases 5000
+	$(BIN)/python tests/fuzz_harness.py --cases 5000 --kinds gguf-model,gguf-mmproj,image,video,values

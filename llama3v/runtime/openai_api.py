@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import os
 import shutil
 import tempfile
@@ -224,11 +223,11 @@ def sampling(body: dict, default_max_tokens: int = 256) -> dict:
 
 
 def _number(value: object, name: str, kind: type) -> int | float:
-    """A JSON number of the right kind (an integer where one is needed), finite."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-        (kind is float or float(value).is_integer())
-    if not ok:
-        raise RequestError(f"{name} must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
+    """A JSON number of the right kind (an integer where one is needed), finite and below 2^53 in size."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 2 ** 53 or \
+            (kind is int and isinstance(value, float) and not value.is_integer()):
+        what = "an integer" if kind is int else "a finite number"
+        raise RequestError(f"{name} must be {what}, got {repr(value)[:40]}")
     return kind(value)
 
 
