@@ -50,7 +50,7 @@ class Llama3vChatHandler:
             gen = self.session(llama).chat(converted, max_tokens=max_tokens or 256, temperature=temperature,
                                            top_p=top_p, top_k=top_k, seed=seed, stop=stops)
         except BaseException:
-            _remove(temp_files)
+            oa.remove_temp(temp_files)
             raise
         name = model or Path(getattr(llama, "model_path", "llama3v")).stem
         request_id = oa.new_id()
@@ -59,7 +59,7 @@ class Llama3vChatHandler:
         try:
             return oa.completion(gen.wait(), name, request_id)
         finally:
-            _remove(temp_files)
+            oa.remove_temp(temp_files)
 
     @staticmethod
     def _chunks(gen: object, request_id: str, model: str, temp_files: list[Path]) -> Iterator[dict]:
@@ -70,9 +70,4 @@ class Llama3vChatHandler:
             yield oa.chunk(request_id, model, {}, gen.result.finish_reason)
         finally:
             gen.close()
-            _remove(temp_files)
-
-
-def _remove(paths: list[Path]) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)
+            oa.remove_temp(temp_files)
