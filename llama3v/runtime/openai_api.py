@@ -148,9 +148,12 @@ def _local(path: str, kind: str, policy: MediaPolicy) -> bytes | Path:
         raise RequestError(f"local path {path!r} is outside the allowed media roots", 403)
     if not resolved.is_file():
         raise RequestError(f"no such file: {path}", 404)
-    if resolved.stat().st_size > policy.max_bytes:
-        raise RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
-    return resolved if kind == "video" else resolved.read_bytes()
+    try:
+        if resolved.stat().st_size > policy.max_bytes:
+            raise RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
+        return resolved if kind == "video" else resolved.read_bytes()
+    except OSError as e:
+        raise RequestError(f"cannot read {path}: {e.strerror}", 403) from None
 
 
 def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Path]) -> list[dict]:

@@ -160,7 +160,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.exception_handler(oa.RequestError)
     async def refused(_request: Request, exc: oa.RequestError):  # noqa: ANN202
-        return _error(exc.status, str(exc))
+        return _error(exc.status, public_message(str(exc), []))
 
     @app.get("/health")
     async def health() -> dict:
@@ -187,11 +187,9 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
             job.messages = await loop.run_in_executor(pool, oa.session_messages, messages, config.media,
                                                       job.temp_files)
             worker.submit(job)
-        except BaseException as e:
+        except BaseException:
             worker.release(job.ticket)
             oa.remove_temp(job.temp_files)
-            if isinstance(e, oa.RequestError):
-                raise oa.RequestError(public_message(str(e), []), e.status) from None
             raise
         request_id = oa.new_id()
         if payload.get("stream"):
