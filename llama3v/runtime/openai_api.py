@@ -93,7 +93,8 @@ def has_remote(messages: object) -> bool:
     their own, so slow remote servers cannot hold up other requests)."""
     for m in messages if isinstance(messages, list) else []:
         for part in m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []:
-            ref = part.get(part.get("type")) if isinstance(part, dict) and isinstance(part.get("type"), str) else None
+            kind = part.get("type") if isinstance(part, dict) else None
+            ref = part.get(kind) if kind in ("image_url", "video_url") else None
             url = ref.get("url") if isinstance(ref, dict) else ref
             if isinstance(url, str) and urlparse(url).scheme.lower() in ("http", "https"):
                 return True
