@@ -26,7 +26,7 @@ FEATURE_LAYER = "clip.vision.feature_layer"
 GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
 PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"
 
-# libmtmd reads these with a fixed type and aborts the process on any other (DESIGN.md), so the
+# libmtmd reads these with a fixed type and aborts the process on any other (docs/security.md), so the
 # runtime checks them before libmtmd sees a file.
 MMPROJ_REQUIRED: dict[str, GGUFValueType] = {
     HAS_VISION_ENCODER: GGUFValueType.BOOL,
@@ -66,7 +66,12 @@ PATCH_BIAS = "v.patch_embd.bias"
 POSITION_EMBD = "v.position_embd.weight"
 IMAGE_NEWLINE = "v.image_newline"  # LLaVA-NeXT's row separator; libmtmd loads it for LLaVA but does not use it
 PRE_LN = "v.pre_ln.{}"
-VISION_BLOCK = "v.blk.{bid}.{part}.{kind}"  # part: attn_q attn_k attn_v attn_out ln1 ln2 ffn_up ffn_down
+VISION_BLOCK = "v.blk.{bid}.{part}.{kind}"  # part: one of the names below; kind: weight or bias
+# The parts of a vision block, as libmtmd names them (tools/mtmd/clip-impl.h).
+ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT = "attn_q", "attn_k", "attn_v", "attn_out"
+LN1, LN2 = "ln1", "ln2"
+FFN_UP, FFN_DOWN = "ffn_up", "ffn_down"
+VISION_ATTN_PARTS = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
 PROJ_LAYER = "mm.{idx}.{kind}"  # idx 0 and 2: the LLaVA MLP's two linear layers
 
 # --- LLM (llama architecture) -------------------------------------------------------------------

@@ -9,9 +9,8 @@ import pytest
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
-
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+from llama3v.paths import TEST_MEDIA
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 
 @dataclass
@@ -54,10 +53,19 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photo() -> Path:
-    """The real photo from ../shared/testdata (tests that need a real photograph)."""
-    path = TESTDATA / "photo.jpeg"
-    if not path.is_file():
-        pytest.skip(f"{TESTDATA} is absent (a checkout outside this team's machines)")
+    """The real 640x488 photo in tests/data (tests that need a real photograph)."""
+    return _media("photo.jpeg")
+
+
+@pytest.fixture(scope="session")
+def real_clip() -> Path:
+    """The real H.264 clip in tests/data (720x358, 240 frames)."""
+    return _media("clip.mp4")
+
+
+def _media(name: str) -> Path:
+    path = TEST_MEDIA / name
+    assert path.is_file(), f"{path} is part of the repository (tests/data/README.md)"
     return path
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import TinySpec
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 # The tiny vocabulary's end-of-turn tokens: banned, a generation runs until max_tokens.

@@ -16,7 +16,7 @@ import openai
 import pexpect
 import pytest
 
-from llama3v.models.factory import TinySpec
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 KEY = "test-key"

@@ -1,4 +1,5 @@
-"""Convert a LLaVA-style Hugging Face checkpoint into `model-<type>.gguf` and `mmproj-<type>.gguf`.
+"""Convert a LLaVA-style Hugging Face checkpoint (a directory or a Hub id) into `model-<type>.gguf` and
+`mmproj-<type>.gguf`.
 
 All or nothing: both files are written into a hidden staging folder inside the destination
 (`.llama3v-convert.PID.partial`) and renamed into place together only when both are complete, so an
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from llama3v.atomic import alive, remove_stale_partials
-from llama3v.converters.layouts import load_llava
 from llama3v.converters.llm import llm_plan, write_llm
 from llama3v.converters.mmproj import mmproj_plan, write_mmproj
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, parse_outtype
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.hub import resolve_checkpoint
+from llama3v.hf.key_formats import load_llava
+from llama3v.progress import Progress
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
 
 STAGING = ".llama3v-convert.{pid}.partial"
 
@@ -36,21 +39,26 @@ def convert(
     mmproj_outtype: str = "f16",
     vision_tower: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    revision: str | None = None,
 ) -> tuple[Path, Path]:
-    """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
-    model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
+    """Convert `src` (a checkpoint directory, else a Hub id at `revision`) and return the LLM and mmproj paths."""
+    model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
+    mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
     existing = [str(p) for p in (model_path, mmproj_path) if p.exists()]
     if existing and not force:
         raise Llama3vError(f"{', '.join(existing)} already exists; pass --force to overwrite")
 
-    ckpt = load_llava(src, vision_tower)
+    root = resolve_checkpoint(src, revision)
+    tower = resolve_checkpoint(vision_tower) if vision_tower is not None else None
+    # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
+    ckpt = load_llava(root, tower, name=Path(src).name)
     # Plan both files before writing either, so a missing tensor fails before any work.
-    mmproj_plan(ckpt, mmproj_type)
-    llm_plan(ckpt, model_type)
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    mmproj_plans = mmproj_plan(ckpt, mmproj_type)
+    llm_plans = llm_plan(ckpt, model_type)
+    vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +70,8 @@ def convert(
     except OSError as e:
         raise Llama3vError(f"{outdir}: cannot write the output there ({e.strerror})") from None
     try:
-        write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, progress)
-        write_llm(ckpt, staging / model_path.name, model_type, progress)
+        write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, mmproj_plans, progress)
+        write_llm(ckpt, staging / model_path.name, model_type, llm_plans, vocab, progress)
         _publish(staging, model_path, mmproj_path)
     except OSError as e:
         raise Llama3vError(f"{outdir}: writing the output failed ({e.strerror})") from None

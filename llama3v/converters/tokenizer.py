@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from gguf import GGUFWriter, TokenType
 
-from llama3v.converters.checkpoint import Checkpoint
 from llama3v.errors import Llama3vError
+from llama3v.hf.checkpoint import Checkpoint
 from llama3v.llama3_format import LLAMA3_TEMPLATE, LLAMA_CPP_PRE, PRETOKENIZE_REGEX
 
 

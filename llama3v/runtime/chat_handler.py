@@ -13,29 +13,35 @@ llama-cpp-python's handlers, keeps the KV cache between calls: a follow-up only 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from llama3v.runtime import openai_api as oa
+from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.session import Session
+
+REMOTE_SWITCH = "pass media=MediaPolicy(any_path=True, allow_remote=True) to Llama3vChatHandler"
 
 
 class Llama3vChatHandler:
     """llama-cpp-python chat handler backed by a llama3v Session."""
 
-    def __init__(self, mmproj_path: str | Path | None = None, max_tiles: int | None = None,
-                 image_layout: str | None = None, media: oa.MediaPolicy | None = None):
+    def __init__(self, mmproj_path: str | Path | None = None, options: SessionOptions | None = None,
+                 media: oa.MediaPolicy | None = None, **overrides: object):
+        """`options` (or SessionOptions fields by keyword, e.g. max_tiles=4) as for a Session; the context, batch
+        and threads are the Llama's."""
         self.mmproj_path = mmproj_path
-        self.max_tiles, self.image_layout = max_tiles, image_layout
-        # A library caller's own files are theirs to read; remote URLs stay opt-in.
-        self.media = media or oa.MediaPolicy(any_path=True)
+        self.options = replace(options or SessionOptions(), **overrides)
+        # A library caller's own files are theirs to read; remote URLs stay opt-in, and the refusal names
+        # this class's switch, not the server's command-line flag.
+        self.media = replace(media or oa.MediaPolicy(any_path=True), remote_switch=REMOTE_SWITCH)
         self._session: Session | None = None
         self._llama = None
 
     def session(self, llama: object) -> Session:
         """The session over `llama` (made on first use)."""
         if self._session is None or self._llama is not llama:
-            self._session = Session.from_llama(llama, self.mmproj_path, max_tiles=self.max_tiles,
-                                               image_layout=self.image_layout)
+            self._session = Session.from_llama(llama, self.mmproj_path, self.options)
             self._llama = llama
         return self._session
 
@@ -47,8 +53,8 @@ class Llama3vChatHandler:
         try:
             converted = oa.session_messages(messages, self.media, temp_files)
             stops = [stop] if isinstance(stop, str) else list(stop or [])
-            gen = self.session(llama).chat(converted, max_tokens=max_tokens or 256, temperature=temperature,
-                                           top_p=top_p, top_k=top_k, seed=seed, stop=stops)
+            gen = self.session(llama).chat(converted, max_tokens=max_tokens or SAMPLING.max_tokens,
+                                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops)
         except BaseException:
             oa.remove_temp(temp_files)
             raise

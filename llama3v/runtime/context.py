@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,9 @@ class TextModel:
 class Context:
     """A libllama context for sequence 0: decodes tokens and embedding rows at the next positions."""
 
-    def __init__(self, model: TextModel, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
+    def __init__(self, model: TextModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
                  kv_type: str = "f16", flash_attn: bool | None = None, borrow: object = None):
+        """A context of `n_ctx` positions (runtime/options.py holds the default), or `borrow` an existing one."""
         self.model = model
         llama = self._llama = model._llama
         self._owned = borrow is None
@@ -123,6 +125,10 @@ class Context:
             if not self.ptr:
                 raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_ctx = llama.llama_n_ctx(self.ptr)
+        if self.n_ctx > model.n_ctx_train > 0:
+            # llama.cpp runs it, but positions past the trained length are outside what the model learned.
+            warnings.warn(f"{model.path.name}: a context of {self.n_ctx} positions goes past the {model.n_ctx_train} "
+                          "the model was trained on; answers may degrade beyond that", stacklevel=3)
         self.n_batch = n_batch
         self.n_past = 0
         self._tok = llama.llama_batch_init(n_batch, 0, 1)
@@ -131,6 +137,10 @@ class Context:
             for i in range(n_batch):
                 batch.seq_id[i][0] = 0
                 batch.n_seq_id[i] = 1
+
+    def fits(self, n_positions: int) -> bool:
+        """The one rule for the context's size: `n_positions` positions from the start fit unless they exceed it."""
+        return n_positions <= self.n_ctx
 
     def truncate(self, n: int) -> None:
         """Forget every position from `n` on (keeps the KV cache of the first n)."""
@@ -153,7 +163,7 @@ class Context:
         n = len(tokens) if tokens is not None else len(rows)
         if n == 0:
             return None
-        if self.n_past + n > self.n_ctx:
+        if not self.fits(self.n_past + n):
             raise Llama3vError(f"the context holds {self.n_ctx} tokens; {self.n_past + n} are needed")
         batch = self._tok if tokens is not None else self._emb
         outputs = []

@@ -189,11 +189,11 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
     if mm2 in info.tensors:  # absent: a linear projector, which libmtmd's "mlp" graph also runs
         required[mm2] = (width, info.tensors[mm2].rows)
     for bid in range(int(info.get(S.BLOCK_COUNT))):
-        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        for part in S.VISION_ATTN_PARTS:
             required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = (d, d)
         # Files from llama.cpp's older converter name the two FFN layers the other way round; clip.cpp swaps
         # them back by shape, so either orientation is fine.
-        up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in ("ffn_up", "ffn_down"))
+        up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in (S.FFN_UP, S.FFN_DOWN))
         swapped = down in info.tensors and tuple(info.tensors[down].dims) == (d, ff)
         required[up], required[down] = ((ff, d), (d, ff)) if swapped else ((d, ff), (ff, d))
     _require_tensors(info, required)

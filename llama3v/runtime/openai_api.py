@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from llama3v.errors import Llama3vError
+from llama3v.runtime.options import SAMPLING
 from llama3v.runtime.session import Result
 from llama3v.runtime.video import container_kind
 
@@ -42,6 +43,7 @@ class MediaPolicy:
     max_bytes: int = 64 << 20
     timeout_s: float = 20.0  # total time for one remote fetch: connecting, headers and every read together
     tmpdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    remote_switch: str = "start the server with --allow-remote"  # how this policy's owner turns remote URLs on
 
 
 def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> bytes | Path:
@@ -60,7 +62,7 @@ def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> b
         data = _data_uri(url, policy)
     elif scheme in ("http", "https"):
         if not policy.allow_remote:
-            raise RequestError("remote media URLs are disabled on this server (start it with --allow-remote)", 403)
+            raise RequestError(f"remote media URLs are disabled ({policy.remote_switch})", 403)
         data = _download(url, policy)
     elif scheme in ("", "file"):
         return _local(unquote(urlparse(url).path) if scheme == "file" else url, kind, policy)
@@ -191,7 +193,7 @@ def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Pat
     return out
 
 
-def sampling(body: dict, default_max_tokens: int = 256) -> dict:
+def sampling(body: dict, default_max_tokens: int = SAMPLING.max_tokens) -> dict:
     """Session sampling options from an OpenAI request body, each checked for its JSON type.
 
     `max_tokens` (or `max_completion_tokens`) absent or null means `default_max_tokens`; any value below 1,

@@ -24,6 +24,7 @@ from pathlib import Path
 from llama3v.errors import Llama3vError
 from llama3v.runtime import openai_api as oa
 from llama3v.runtime.http_guard import Guard, GuardPolicy, error_body, header_deadline_protocol
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.runtime.session import Session
 
 log = logging.getLogger("llama3v.server")
@@ -44,7 +45,7 @@ class ServerConfig:
     max_pending_bytes: int = 256 << 20  # bodies of admitted requests not yet running, together (503 beyond)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides IP literals and localhost
     fetch_workers: int = 4  # threads for remote media fetches, apart from everything else
-    default_max_tokens: int = 512
+    default_max_tokens: int = CONVERSATION_MAX_TOKENS
 
 
 @dataclass

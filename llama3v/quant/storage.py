@@ -15,20 +15,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from llama3v import gguf_schema as S
-from llama3v import quant_types
-from llama3v.converters import ggml_quants
 from llama3v.errors import Llama3vError
+from llama3v.quant import ggml_quants
+from llama3v.quant.types import MMPROJ_TYPES
 
 if TYPE_CHECKING:
-    from llama3v.converters.writer import TensorPlan
+    from llama3v.gguf_writer import TensorPlan
 
 Q = GGMLQuantizationType
 F = LlamaFileType
-# The offered names and why (llama3v/quant_types.py), with their GGML types.
-MMPROJ_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.MMPROJ_TYPES}
-# The LLM types the converter writes itself; every other LLM type comes from llama.cpp's quantizer
-# (llama3v.runtime.llm_quantize), whose per-tensor mixes (q4_k_m etc.) beat one type for all.
-LLM_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.CONVERT_LLM_TYPES}
 # general.file_type numbers the whole file's type differently from the tensor types; a file of
 # one k-quant is what llama.cpp calls the _S variant (Q6_K has only one).
 _FILE_TYPES = {
