@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from llama3v.errors import Llama3vError
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
@@ -93,7 +94,7 @@ def _serving(built, tmp_path_factory, picture, motion_video, *flags: str) -> Ite
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "serve", "--model", str(built.model), "--mmproj",
                              str(built.mmproj), "--port", str(port), "--max-body-mb", "2", "--allowed-root",
-                             str(media_root), "--n-ctx", "8192", "-q", *flags],
+                             str(media_root), "--n-ctx", "32768", "-q", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "TMPDIR": str(tmpdir)})
     base = f"http://127.0.0.1:{port}"
@@ -140,7 +141,7 @@ class LongGeneration:
 
     def __init__(self, server: Server):
         self.client = httpx.Client(timeout=60)
-        body = {"stream": True, "max_tokens": 7000, "temperature": 0, **ENDLESS,
+        body = {"stream": True, "max_tokens": 30000, "temperature": 0, **ENDLESS,
                 "messages": [{"role": "user", "content": "Go on forever."}]}
         self.cm = self.client.stream("POST", f"{server.base}/v1/chat/completions", json=body)
         self.response = self.cm.__enter__()
@@ -269,6 +270,7 @@ def test_config_with_a_billion_layers_is_refused_before_planning(built, tmp_path
     r = _rss_limited(f"""
 from llama3v.converters.convert import convert
 from llama3v.errors import Llama3vError
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 try:
     convert({str(ckpt)!r}, {str(tmp_path / 'out')!r})
 except Llama3vError as e:
@@ -319,6 +321,7 @@ def test_elongated_png_is_refused_from_its_header(tmp_path):
 import resource
 from llama3v.runtime.image_processing import ImageSpec, load_image
 from llama3v.errors import Llama3vError
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     load_image({str(png)!r}, spec=ImageSpec(336, "resize"))
@@ -386,7 +389,7 @@ def test_queued_requests_whose_client_left_are_not_run_and_leave_no_files(server
     finally:
         long.close()
     after = server.wait_idle()
-    assert after["served"] == before["served"], "neither the long nor the abandoned request counts as served"
+    assert after["served"] == before["served"], (before, after)
     assert after["cancelled"] == before["cancelled"] + 2
     assert server.uploads() == [], "the cancelled request's upload is gone"
 
@@ -547,7 +550,7 @@ def test_malformed_requests_are_4xx(server, name, raw):
 
 def test_max_tokens_absent_means_the_default(server):
     r = server.post({"messages": [{"role": "user", "content": "Go on."}], **ENDLESS, "temperature": 0})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 512
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == CONVERSATION_MAX_TOKENS == 512
 
 
 def test_errors_do_not_leak_temp_paths_or_addresses(server, motion_video):
@@ -557,6 +560,7 @@ def test_errors_do_not_leak_temp_paths_or_addresses(server, motion_video):
     message = r.json()["error"]["message"]
     assert str(server.tmpdir) not in message and "llama3v-" not in message and " at 0x" not in message, message
     assert "upload" in message, message
+    server.wait_idle()
     assert server.uploads() == []
 
 
@@ -607,5 +611,6 @@ def test_valid_requests_still_succeed(server, motion_video, picture):
         r = server.post(_ask(content))
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 2
+    server.wait_idle()  # the worker removes an upload right after it answers
     assert server.uploads() == []
     np.testing.assert_equal(server.health()["queued"], 0)

@@ -28,6 +28,9 @@ from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.runtime.session import Session
 
 log = logging.getLogger("llama3v.server")
+# How often a non-streamed request looks for its client. uvicorn notices a closed connection only while it
+# reads from it, which each look resumes, so a departure is seen within two looks.
+DISCONNECT_CHECK_S = 0.25
 
 
 @dataclass
@@ -115,8 +118,8 @@ class Worker:
                 self.busy = True
                 self._serve(job)
             finally:
-                self.busy = False
                 oa.remove_temp(job.temp_files)
+                self.busy = False
 
     def _serve(self, job: _Job) -> None:
         deadline = job.queued + self.config.request_timeout_s
@@ -270,10 +273,10 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
 
 
 async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str):  # noqa: ANN001, ANN202
-    """Wait for a non-streamed answer, cancelling the job if the client goes away (checked twice a second,
-    also while pieces keep arriving)."""
+    """Wait for a non-streamed answer, cancelling the job if the client goes away (checked every
+    DISCONNECT_CHECK_S, also while pieces keep arriving)."""
     try:
-        next_check = time.monotonic() + 0.5
+        next_check = time.monotonic() + DISCONNECT_CHECK_S
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), timeout=max(0.0, next_check - time.monotonic()))
@@ -282,7 +285,7 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
             if time.monotonic() >= next_check:
                 if await request.is_disconnected():
                     return _error(499, "client disconnected")
-                next_check = time.monotonic() + 0.5
+                next_check = time.monotonic() + DISCONNECT_CHECK_S
             if event is None or event[0] == "piece":
                 continue
             if event[0] == "done":
