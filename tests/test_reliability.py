@@ -141,7 +141,7 @@ def test_slow_client_is_dropped(serve):
     base, _ = serve("--body-timeout", "1")
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{\"messages\":")
         t0 = time.monotonic()
         reply = s.recv(4096).decode()
