@@ -563,6 +563,10 @@ def test_errors_do_not_leak_temp_paths_or_addresses(server, motion_video):
     assert "upload" in message, message
     server.wait_idle()
     assert server.uploads() == []
+    noise = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 8).decode()
+    r = server.post(_ask([{"type": "image_url", "image_url": {"url": noise}}]))
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "not a readable image" in message and "0x" not in message, message
 
 
 def test_user_text_never_becomes_control_tokens(built):
