@@ -108,3 +108,32 @@ TOKEN_TYPES = "tokenizer.ggml.token_type"
 MERGES = "tokenizer.ggml.merges"
 BOS_ID = "tokenizer.ggml.bos_token_id"
 EOS_ID = "tokenizer.ggml.eos_token_id"
+
+# --- Llama-3.2-Vision (mllama): the model GGUF (architecture "mllama"; Ollama's libllama patch's names) ---
+MLLAMA_LLM_ARCH = "mllama"
+MLLAMA_CROSS_ATTENTION_LAYERS = "mllama.attention.cross_attention_layers"  # i32 array
+MLLAMA_IMAGE_TOKEN_ID = "llama3v.mllama.image_token_id"  # u32: <|image|>'s id (= vocab_size in Meta's models)
+# Cross-attention layers: LLM_BLOCK with part cross_attn_{q,k,v,o}_proj or cross_attn_{q,k}_norm, and
+MLLAMA_CROSS_GATE = "blk.{bid}.{part}"  # part: cross_attn_attn_gate, cross_attn_mlp_gate; raw values, shape [1]
+
+# --- Llama-3.2-Vision (mllama): the mmproj (projector type "mllama"; docs/formats.md) -----------------
+MLLAMA_PROJECTOR_TYPE = "mllama"
+MLLAMA_PREPROCESS_MODE = "mllama"  # llama3v.preprocess.mode: canvas, bilinear resize, pad, tile split
+MLLAMA_MAX_NUM_TILES = "llama3v.mllama.max_num_tiles"  # u32
+MLLAMA_ASPECT_RATIOS = "llama3v.mllama.aspect_ratios"  # i32 array: rows, cols of each grid by id (id = index + 1)
+MLLAMA_GLOBAL_BLOCK_COUNT = "llama3v.mllama.global_block_count"  # u32
+MLLAMA_INTERMEDIATE_LAYERS = "llama3v.mllama.intermediate_layers"  # i32 array: local layers appended to the output
+MLLAMA_OUTER_LN_EPS = "llama3v.mllama.outer_layer_norm_epsilon"  # f32: eps of v.pre_ln and v.post_ln
+MLLAMA_GATES_PRECOMPUTED = "llama3v.mllama.gates_tanh"  # bool: every v.* gate holds tanh(gate) (position: 1 - tanh)
+
+MLLAMA_TILE_POSITION_EMBD = "v.tile_position_embd.weight"  # [n_grids + 1, max_tiles * n_positions * n_embd]
+MLLAMA_TILE_POSITION_GATE = "v.tile_position_embd.gate"  # tanh(gate)
+MLLAMA_POSITION_GATE = "v.position_embd.gate"  # 1 - tanh(gate)
+MLLAMA_PRE_TILE_EMBD = "v.pre_tile_position_embd.weight"  # [n_grids + 1, max_tiles * n_embd]
+MLLAMA_PRE_TILE_GATE = "v.pre_tile_position_embd.gate"
+MLLAMA_POST_TILE_EMBD = "v.post_tile_position_embd.weight"
+MLLAMA_POST_TILE_GATE = "v.post_tile_position_embd.gate"
+MLLAMA_POST_LN = "v.post_ln.{}"
+MLLAMA_GLOBAL_BLOCK = "v.global.blk.{bid}.{part}.{kind}"  # as v.blk.N plus the gates below
+MLLAMA_GLOBAL_GATE = "v.global.blk.{bid}.{part}"  # part: attn_gate, ffn_gate; tanh(gate)
+MLLAMA_PROJECTOR = "mm.0.{}"  # the linear projector: weight [n_embd_text, vision_output_dim], bias

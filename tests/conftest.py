@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +103,37 @@ def motion_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
         writer.write(frame)
     writer.release()
     return path
+
+
+@pytest.fixture(scope="session")
+def running_server():
+    """A context manager that runs `llama3v serve`: with running_server(built, *args) as base_url."""
+    return _running_server
+
+
+@contextlib.contextmanager
+def _running_server(built: Built, *args: str) -> Iterator[str]:
+    """`llama3v serve` on the built model and a free loopback port, with extra `args`; yields its base URL."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "serve", "--model", str(built.model), "--mmproj",
+                             str(built.mmproj), "--port", str(port), "-q", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()}")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -80,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", parents=[common], help="convert a Hugging Face LLaVA checkpoint to GGUF",
-                       description="Convert a LLaVA-style Hugging Face checkpoint into OUTDIR/model-<type>.gguf "
-                       "(Llama-3 decoder, tokenizer, chat template) and OUTDIR/mmproj-<type>.gguf "
-                       "(vision tower + projector in llama.cpp's mmproj format).")
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert a Hugging Face LLaVA or Llama-3.2-Vision checkpoint to GGUF",
+                       description="Convert a LLaVA-style or Llama-3.2-Vision (mllama) Hugging Face checkpoint "
+                       "into OUTDIR/model-<type>.gguf (Llama-3 decoder, tokenizer, chat template) and "
+                       "OUTDIR/mmproj-<type>.gguf (vision tower + projector in llama.cpp's mmproj format; "
+                       "docs/formats.md).")
     p.add_argument("src", help="checkpoint directory (config.json + safetensors or .bin), or a Hugging Face Hub id "
                    "(org/name; fetched into the Hugging Face cache, only the files the converter reads)")
     p.add_argument("--revision", help="Hub ids: a branch, tag or commit (default: main)")
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions (text, image_url and video_url parts; streaming), "
-                       "/v1/models and /health. Loopback only unless --host says otherwise. Requests queue for the "
+                       "/v1/completions, /v1/models, /health, and a chat page at /. Loopback only unless --host says "
+                       "otherwise. Requests queue for the "
                        "single model; a full queue answers 503. Options also come from LLAMA3V_* variables.")
     _add_model(p, env=True)
     p.add_argument("--host", default=env("LLAMA3V_HOST", "127.0.0.1"), help="bind address (127.0.0.1; LLAMA3V_HOST)")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
 from llama3v.progress import Progress, bars
@@ -26,6 +27,9 @@ def quantize_file(src: str | Path, qtype: str, dst: str | Path | None = None, fo
     """Write mmproj or LLM `src` as `qtype` to `dst` (default: mmproj-<type>.gguf or model-<type>.gguf beside it)."""
     src = Path(src)
     arch = read_gguf(src).get("general.architecture")
+    if arch == S.MLLAMA_LLM_ARCH:
+        raise Llama3vError(f"{src}: an mllama model; llama.cpp's quantizer needs the mllama engine patch, which "
+                           "this build does not have yet (docs/mllama.md). convert writes f32, f16, bf16 and q8_0")
     if arch not in _PREFIX:
         raise Llama3vError(f"{src}: architecture {arch!r} is neither an mmproj ('clip') nor a llama model")
     dst = Path(dst) if dst is not None else src.with_name(f"{_PREFIX[arch]}-{qtype.lower()}.gguf")

@@ -1,5 +1,5 @@
-"""Convert a LLaVA-style Hugging Face checkpoint (a directory or a Hub id) into `model-<type>.gguf` and
-`mmproj-<type>.gguf`.
+"""Convert a Hugging Face checkpoint (LLaVA-style or mllama; a directory or a Hub id) into `model-<type>.gguf`
+and `mmproj-<type>.gguf`.
 
 All or nothing: both files are written into a hidden staging folder inside the destination
 (`.llama3v-convert.PID.partial`) and renamed into place together only when both are complete, so an
@@ -14,12 +14,15 @@ import shutil
 from pathlib import Path
 
 from llama3v.atomic import alive, remove_stale_partials
-from llama3v.converters.llm import llm_plan, write_llm
-from llama3v.converters.mmproj import mmproj_plan, write_mmproj
+from llama3v.converters import llm as llava_llm
+from llama3v.converters import mllama_gguf
+from llama3v.converters import mmproj as llava_mmproj
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
+from llama3v.hf.checkpoint import open_checkpoint
 from llama3v.hf.hub import resolve_checkpoint
 from llama3v.hf.key_formats import load_llava
+from llama3v.hf.mllama_key_formats import is_mllama, load_mllama
 from llama3v.progress import Progress
 from llama3v.quant.storage import parse_outtype
 from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
@@ -52,13 +55,21 @@ def convert(
         raise Llama3vError(f"{', '.join(existing)} already exists; pass --force to overwrite")
 
     root = resolve_checkpoint(src, revision)
-    tower = resolve_checkpoint(vision_tower) if vision_tower is not None else None
-    # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
-    ckpt = load_llava(root, tower, name=Path(src).name)
+    if is_mllama(open_checkpoint(root).config):
+        if vision_tower is not None:
+            raise Llama3vError("--vision-tower applies to LLaVA checkpoints; an mllama checkpoint holds its encoder")
+        ckpt = load_mllama(root)
+        mm, llm = mllama_gguf, mllama_gguf
+    else:
+        tower = resolve_checkpoint(vision_tower) if vision_tower is not None else None
+        # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
+        ckpt = load_llava(root, tower, name=Path(src).name)
+        mm, llm = llava_mmproj, llava_llm
     # Plan both files before writing either, so a missing tensor fails before any work.
-    mmproj_plans = mmproj_plan(ckpt, mmproj_type)
-    llm_plans = llm_plan(ckpt, model_type)
-    vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    mmproj_plans = mm.mmproj_plan(ckpt, mmproj_type)
+    llm_plans = llm.llm_plan(ckpt, model_type)
+    vocab = mllama_gguf.load_mllama_vocab(ckpt) if mm is mllama_gguf else \
+        load_vocab(ckpt.main, ckpt.config.text.vocab_size)
 
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +81,8 @@ def convert(
     except OSError as e:
         raise Llama3vError(f"{outdir}: cannot write the output there ({e.strerror})") from None
     try:
-        write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, mmproj_plans, progress)
-        write_llm(ckpt, staging / model_path.name, model_type, llm_plans, vocab, progress)
+        mm.write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, mmproj_plans, progress)
+        llm.write_llm(ckpt, staging / model_path.name, model_type, llm_plans, vocab, progress)
         _publish(staging, model_path, mmproj_path)
     except OSError as e:
         raise Llama3vError(f"{outdir}: writing the output failed ({e.strerror})") from None

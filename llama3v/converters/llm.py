@@ -82,18 +82,23 @@ def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, 
     def metadata(w: GGUFWriter) -> None:
         w.add_name(ckpt.name)
         w.add_file_type(file_type(outtype))
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_dimension_count(cfg.n_head_dim)
-        w.add_key_length(cfg.n_head_dim)
-        w.add_value_length(cfg.n_head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        add_decoder_hparams(w, cfg)
         vocab.add_to(w)
 
     write_gguf(path, S.LLM_ARCH, metadata, plans, encode, progress)
+
+
+def add_decoder_hparams(w: GGUFWriter, cfg: TextConfig) -> None:
+    """Write a Llama decoder's `<arch>.*` hyperparameters (shared by the llama and mllama files)."""
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.n_head_dim)
+    w.add_key_length(cfg.n_head_dim)
+    w.add_value_length(cfg.n_head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

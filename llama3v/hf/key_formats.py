@@ -54,9 +54,9 @@ _NAME_RULES = [
 _RULES = [(re.compile(p), r) for p, r in _NAME_RULES]
 
 
-def canonical_name(name: str) -> str | None:
-    """Map a checkpoint tensor name to its canonical name, or None when it is not part of the model."""
-    for pattern, repl in _RULES:
+def canonical_name(name: str, rules: list[tuple[re.Pattern, str]] = _RULES) -> str | None:
+    """Map a checkpoint tensor name to its canonical name by the first rule that matches, or None."""
+    for pattern, repl in rules:
         if pattern.match(name):
             return pattern.sub(repl, name, count=1)
     return None

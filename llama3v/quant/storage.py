@@ -34,9 +34,10 @@ _FILE_TYPES = {
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
 # gguf-py only decodes these; llama.cpp's C quantizer encodes them.
 _K_QUANTS = (Q.Q6_K, Q.Q5_K, Q.Q4_K)
-# Small tensors that every output keeps in f16 or better: position and patch embeddings feed
+# Small tensors that every output keeps in f16 or better: position, tile and patch embeddings feed
 # every token, so their rounding error is not averaged away.
-_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD)
+_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD,
+                    S.MLLAMA_TILE_POSITION_EMBD, S.MLLAMA_PRE_TILE_EMBD, S.MLLAMA_POST_TILE_EMBD)
 
 
 def parse_outtype(name: str, choices: dict[str, GGMLQuantizationType] = MMPROJ_TYPES) -> GGMLQuantizationType:

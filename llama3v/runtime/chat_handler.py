@@ -47,14 +47,21 @@ class Llama3vChatHandler:
 
     def __call__(self, *, llama: object, messages: list[dict], temperature: float = 0.2, top_p: float = 0.95,
                  top_k: int = 40, stream: bool = False, stop: str | list[str] | None = None, seed: int | None = None,
-                 max_tokens: int | None = None, model: str | None = None, **_ignored: object) -> dict | Iterator[dict]:
-        """Answer `messages` the way llama-cpp-python's own handlers do (a completion dict or chunks)."""
+                 max_tokens: int | None = None, model: str | None = None, **openai: object) -> dict | Iterator[dict]:
+        """Answer `messages` the way llama-cpp-python's own handlers do (a completion dict or chunks).
+
+        The OpenAI options llama-cpp-python passes on (logprobs, top_logprobs, response_format, logit_bias,
+        frequency_penalty, presence_penalty, tools) act as on `llama3v serve`; the rest are llama.cpp sampler
+        options this handler does not use."""
         temp_files: list[Path] = []
         try:
             converted = oa.session_messages(messages, self.media, temp_files)
-            stops = [stop] if isinstance(stop, str) else list(stop or [])
-            gen = self.session(llama).chat(converted, max_tokens=max_tokens or SAMPLING.max_tokens,
-                                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops)
+            body = {k: openai.get(k) for k in _OPENAI_OPTIONS} | {
+                "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": stop,
+                "max_tokens": max_tokens or None}
+            # llama-cpp-python's rule for max_tokens: cut where the context ends (no 400 in a library call).
+            options = oa.sampling(body, SAMPLING.max_tokens) | {"require_room": False}
+            gen = self.session(llama).chat(converted, **options)
         except BaseException:
             oa.remove_temp(temp_files)
             raise
@@ -71,9 +78,16 @@ class Llama3vChatHandler:
     def _chunks(gen: object, request_id: str, model: str, temp_files: list[Path]) -> Iterator[dict]:
         try:
             yield oa.chunk(request_id, model, {"role": "assistant", "content": ""})
+            sent = 0
             for piece in gen:
-                yield oa.chunk(request_id, model, {"content": piece})
+                yield oa.chunk(request_id, model, {"content": piece}, logprobs=gen.logprobs[sent:])
+                sent = len(gen.logprobs)
             yield oa.chunk(request_id, model, {}, gen.result.finish_reason)
         finally:
             gen.close()
             oa.remove_temp(temp_files)
+
+
+# What llama-cpp-python hands a chat handler that the OpenAI layer (openai_api.sampling) reads.
+_OPENAI_OPTIONS = ("logprobs", "top_logprobs", "response_format", "logit_bias", "frequency_penalty", "presence_penalty",
+                   "tools", "functions")

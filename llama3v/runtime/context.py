@@ -189,6 +189,10 @@ class Context:
                 outputs.append(self._logits(int(i)))
         return np.stack(outputs) if all_logits else outputs[-1]
 
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last position decoded (the one the next token is sampled from)."""
+        return self._logits(-1)
+
     def _logits(self, i: int) -> np.ndarray:
         ptr = self._llama.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
@@ -207,13 +211,23 @@ class Context:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: logit bias, then greedy at temperature 0, else top-k, top-p, temperature and
-    a seeded draw."""
+    """llama.cpp's sampler chain: a grammar (GBNF) if given, logit bias, frequency and presence penalties over the
+    tokens generated so far (OpenAI's: logit - frequency * count - presence * (count > 0)), then greedy at
+    temperature 0, else top-k, top-p, temperature and a seeded draw."""
 
     def __init__(self, model: TextModel, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-                 seed: int | None = None, logit_bias: dict[int, float] | None = None):
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None, grammar: str | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, penalty_window: int = 4096):
         llama = self._llama = model._llama
         self.ptr = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if grammar is not None:
+            # First in the chain: tokens the grammar forbids are out before anything else chooses.
+            engine.take_log()
+            constrained = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if not constrained:
+                self.close()
+                raise engine.failure("llama.cpp could not parse the grammar")
+            llama.llama_sampler_chain_add(self.ptr, constrained)
         if logit_bias:
             if any(not 0 <= t < model.n_vocab for t in logit_bias):
                 raise Llama3vError(f"logit_bias names a token outside the vocabulary of {model.n_vocab}")
@@ -221,6 +235,9 @@ class Sampler:
                 *(llama.llama_logit_bias(token=t, bias=b) for t, b in logit_bias.items()))
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_logit_bias(
                 model.n_vocab, len(logit_bias), biases))
+        if frequency_penalty or presence_penalty:
+            llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_penalties(
+                model.n_vocab, penalty_window, 1.0, frequency_penalty, presence_penalty))
         if temperature <= 0:
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_greedy())
             return

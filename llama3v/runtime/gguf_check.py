@@ -23,6 +23,8 @@ V = GGUFValueType
 _INTS = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
 _LLM_BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
+MLLAMA_NOT_YET = ("a Llama-3.2-Vision (mllama) file: mllama inference needs llama3v's mllama engine patch, "
+                  "which this build does not have yet (docs/mllama.md)")
 __all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair"]
 
 
@@ -34,6 +36,8 @@ def read_model(path: str | Path) -> GGUFInfo:
 def check_llm(info: GGUFInfo) -> int:
     """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
     arch = info.get("general.architecture")
+    if arch == S.MLLAMA_LLM_ARCH:
+        raise info.fail(MLLAMA_NOT_YET)
     if arch != S.LLM_ARCH:
         raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
     n_embd = info.get(S.EMBEDDING_LENGTH_LLM)
@@ -131,6 +135,8 @@ def check_mmproj(info: GGUFInfo) -> int:
     """Check an mmproj GGUF holds a vision encoder libmtmd can run safely; return its output width."""
     if info.get("general.architecture") != S.CLIP_ARCH:
         raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
+    if info.get(S.PROJECTOR_TYPE) == S.MLLAMA_PROJECTOR_TYPE:
+        raise info.fail(MLLAMA_NOT_YET)
     for key, vtype in S.MMPROJ_REQUIRED.items():
         if key not in info.kv:
             raise info.fail(f"missing key {key}")

@@ -31,6 +31,7 @@ class GuardPolicy:
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] = ()  # names besides IP literals and localhost; "*" allows any
     max_body_bytes: int = 64 << 20
+    public: Callable[[str], bool] = lambda path: path == "/health"  # paths served without the API key
 
 
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
@@ -90,7 +91,7 @@ class Guard:
         if not host_allowed(headers.get("host", ""), p.allowed_hosts):
             return 403, "this server does not answer to that Host name (start it with --allowed-host NAME)", \
                 "invalid_request_error"
-        if p.api_key and scope["path"] != "/health" and headers.get("authorization", "") != f"Bearer {p.api_key}":
+        if p.api_key and not p.public(scope["path"]) and headers.get("authorization", "") != f"Bearer {p.api_key}":
             return 401, "missing or wrong API key", "authentication_error"
         if scope["method"] == "POST":
             media_type = headers.get("content-type", "").split(";")[0].strip().lower()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from llama3v.progress import Progress
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile, process_image
+from llama3v.runtime.image_processing import ImageInput, ImageSpec, load_image, prepare_tile, process_image
 from llama3v.runtime.tile_arrangement import arrange_anyres, n_rows, slice_separators
 from llama3v.runtime.video import Sampling, VideoReader
 from llama3v.runtime.video_budget import DEFAULT_MEASURE, plan_budget, timestamp_text
@@ -67,6 +67,7 @@ class MediaInfo:
     layout: str | None = None  # "single", "anyres" or "slices"
     grid: list[int] | None = None  # tile rows and columns
     n_tiles: int | None = None
+    image_size: list[int] | None = None  # width and height before tiling
     # Videos (runtime/video_budget.py).
     n_frames: int | None = None  # frames sampled
     frames_kept: int = 0  # frames that keep any rows within the budget
@@ -207,16 +208,22 @@ def video_parts(video: SampledVideo, encoder: VisionEncoder, cache: EncodeCache,
     return parts
 
 
+def image_spec(encoder: VisionEncoder, max_tiles: int | None = None) -> ImageSpec:
+    """The encoder's image spec with a session's --max-tiles applied."""
+    return replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
+
+
 def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: EncodeCache,
                 max_tiles: int | None = None, layout_style: str | None = None,
                 progress: Progress | None = None) -> list[Part]:
     """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/tile_arrangement.py)."""
-    spec = replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
+    spec = image_spec(encoder, max_tiles)
     processed = process_image(load_image(source, spec=spec), spec)
     layout, g = processed.layout, encoder.grid
     keys = [_key(encoder, tile) for tile in processed.tiles]
     tile_ms = [0.0] * len(keys)  # encode time per tile; stays 0 for tiles found in the cache
-    info = MediaInfo(index, "image", tile_ms, layout=layout.kind, grid=list(layout.grid), n_tiles=len(keys))
+    info = MediaInfo(index, "image", tile_ms, layout=layout.kind, grid=list(layout.grid), n_tiles=len(keys),
+                     image_size=list(layout.image_size))
 
     progress_tiles = len(keys) > 1 and progress
 

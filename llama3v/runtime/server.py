@@ -5,6 +5,8 @@ server-sent events through Starlette. The model serves one request at a time: re
 a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
 that disconnects stops its generation at the next token, freeing the model. Loopback by default;
 optional API key; local media only under the allowed roots; remote URLs only if enabled.
+Besides /v1/chat/completions it answers the legacy /v1/completions (text_completions.py) and serves
+the chat page at / (page.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request)
@@ -13,16 +15,16 @@ import asyncio
 import json
 import logging
 import queue
-import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llama3v.errors import Llama3vError
 from llama3v.runtime import openai_api as oa
+from llama3v.runtime import text_completions as tc
 from llama3v.runtime.http_guard import Guard, GuardPolicy, error_body, header_deadline_protocol
 from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.runtime.session import Session
@@ -55,11 +57,13 @@ class ServerConfig:
 class _Job:
     messages: list[dict]
     options: dict
-    push: Callable[[tuple], None]  # delivers ("piece", text) / ("done", Result) / ("error", status, text)
+    # delivers ("piece", text, token logprobs) / ("done", Result) / ("error", status, text)
+    push: Callable[[tuple], None] | None = None
     ticket: int = 0  # bytes admitted for this request (Worker.admit); given back when it leaves the queue
     cancel: threading.Event = field(default_factory=threading.Event)
     temp_files: list[Path] = field(default_factory=list)
     queued: float = field(default_factory=time.monotonic)
+    prompt: str | None = None  # /v1/completions: raw text to continue instead of messages
 
 
 class Worker:
@@ -124,7 +128,11 @@ class Worker:
     def _serve(self, job: _Job) -> None:
         deadline = job.queued + self.config.request_timeout_s
         try:
-            gen = self.session.chat(job.messages, **job.options)
+            if job.prompt is None:
+                gen = self.session.chat(job.messages, **job.options)
+            else:
+                gen = self.session.complete(job.prompt, **job.options)
+            sent = 0
             for piece in gen:
                 if job.cancel.is_set() or time.monotonic() > deadline:
                     gen.close()
@@ -133,15 +141,16 @@ class Worker:
                     if timed_out:
                         job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
                     return
-                job.push(("piece", piece))
+                job.push(("piece", piece, gen.logprobs[sent:]))
+                sent = len(gen.logprobs)
             self.stats["served"] += 1
             job.push(("done", gen.result))
         except oa.RequestError as e:
             self.stats["failed"] += 1
-            job.push(("error", e.status, public_message(str(e), job.temp_files)))
+            job.push(("error", e.status, oa.public_message(str(e), job.temp_files)))
         except Llama3vError as e:
             self.stats["failed"] += 1
-            job.push(("error", 400, public_message(str(e), job.temp_files)))
+            job.push(("error", 400, oa.public_message(str(e), job.temp_files)))
         except Exception as e:  # a bug must not take the worker down
             self.stats["failed"] += 1
             log.exception("request failed")
@@ -153,18 +162,26 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import StreamingResponse
+        from starlette.exceptions import HTTPException
     except ImportError as e:
         raise Llama3vError("the server needs FastAPI and uvicorn: pip install 'llama3v[server]'") from e
+    from llama3v.runtime import page  # the chat page at / (imports FastAPI too)
 
     worker = Worker(session, config)
     fetch_pool = ThreadPoolExecutor(config.fetch_workers, thread_name_prefix="llama3v-fetch")
     app = FastAPI(title="llama3v", version="1", docs_url=None, redoc_url=None)
     app.state.worker = worker
-    app.add_middleware(Guard, policy=GuardPolicy(config.api_key, config.allowed_hosts, config.max_body_bytes))
+    app.add_middleware(Guard, policy=GuardPolicy(config.api_key, config.allowed_hosts, config.max_body_bytes,
+                                                 page.public))
 
     @app.exception_handler(oa.RequestError)
     async def refused(_request: Request, exc: oa.RequestError):  # noqa: ANN202
-        return _error(exc.status, public_message(str(exc), []))
+        return _error(exc.status, oa.public_message(str(exc), []))
+
+    @app.exception_handler(HTTPException)  # unknown routes and methods: OpenAI's error object, not FastAPI's
+    async def routing(request: Request, exc: HTTPException):  # noqa: ANN202
+        what = {404: "unknown route", 405: "method not allowed"}.get(exc.status_code, exc.detail)
+        return _error(exc.status_code, f"{what}: {request.method} {request.url.path}")
 
     @app.get("/health")
     async def health() -> dict:
@@ -177,53 +194,54 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
-        length = request.headers.get("content-length")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = _Job(messages=[], options={}, push=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                   ticket=worker.admit(int(length) if length else config.max_body_bytes))
-        try:
-            payload = await _receive_payload(request, config)
-            job.options = oa.sampling(payload, config.default_max_tokens)
+        async def load(payload: dict, job: _Job) -> None:
             messages = payload.get("messages")
             # Remote fetches run in a pool of their own: slow servers cannot hold up other requests' media.
             pool = fetch_pool if oa.has_remote(messages) else None
-            job.messages = await loop.run_in_executor(pool, oa.session_messages, messages, config.media,
-                                                      job.temp_files)
-            worker.submit(job)
+            job.messages = await asyncio.get_running_loop().run_in_executor(
+                pool, oa.session_messages, messages, config.media, job.temp_files)
+
+        return await answer(request, load, oa.ChatFormat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):  # noqa: ANN202 - JSON or an event stream
+        async def load(payload: dict, job: _Job) -> None:
+            job.prompt = tc.prompt_text(payload)
+
+        return await answer(request, load, tc.TextFormat)
+
+    async def answer(request: Request, load: Callable[[dict, _Job], Awaitable[None]],  # noqa: ANN202
+                     fmt: oa.ResponseFormat):
+        """Admit the request, read and `load` it into a job, queue it; stream its events or wait for the whole
+        answer, written in `fmt`."""
+        length = request.headers.get("content-length")
+        job = _Job(messages=[], options={}, ticket=worker.admit(int(length) if length else config.max_body_bytes))
+        try:
+            payload = await read_json(request, config)
+            job.options = oa.sampling(payload, config.default_max_tokens)
+            await load(payload, job)
         except BaseException:
             worker.release(job.ticket)
             oa.remove_temp(job.temp_files)
             raise
-        request_id = oa.new_id()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.push = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        worker.submit(job)
+        request_id = oa.new_id(fmt.id_prefix)
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(events, job, request_id, config.model_name, include_usage),
+            return StreamingResponse(_sse(events, job, request_id, config.model_name, include_usage, fmt),
                                      media_type="text/event-stream")
-        return await _collect(request, events, job, request_id, config.model_name)
+        return await _collect(request, events, job, request_id, config.model_name, fmt)
 
+    app.include_router(page.router(session, config, read_json))
     return app
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error"):  # noqa: ANN202 - a Response
-    from fastapi.responses import Response
-
-    return Response(error_body(status, message, kind), status_code=status, media_type="application/json")
-
-
-_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
-
-
-def public_message(message: str, temp_files: list[Path]) -> str:
-    """An error message fit for a client: no temporary paths of the server, no object addresses."""
-    for path in temp_files:
-        message = message.replace(str(path) + "/", "uploaded ").replace(str(path), "upload")
-    return _ADDRESS.sub("", message.splitlines()[0] if message else message)
-
-
-async def _receive_payload(request, config: ServerConfig) -> dict:  # noqa: ANN001 - a Starlette Request
-    """The request's JSON object, read within the body deadline; anything JSON accepts but a client must not
-    send (NaN and Infinity, lone surrogates, deep nesting) is a 400."""
+async def read_json(request, config: ServerConfig) -> dict:  # noqa: ANN001 - a Starlette Request
+    """The request body as a JSON object, within the body size and time limits; anything JSON accepts but a
+    client must not send (NaN and Infinity, lone surrogates, deep nesting) is a 400."""
     try:
         body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), config.body_timeout_s)
     except TimeoutError:
@@ -261,6 +279,12 @@ def _check_strings(payload: object) -> None:
                 raise oa.RequestError("request body holds a lone surrogate (invalid Unicode text)") from None
 
 
+def _error(status: int, message: str, kind: str = "invalid_request_error"):  # noqa: ANN202 - a Response
+    from fastapi.responses import Response
+
+    return Response(error_body(status, message, kind), status_code=status, media_type="application/json")
+
+
 async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlette Request
     """The body, refused as soon as it passes `limit` bytes (chunked uploads have no Content-Length)."""
     chunks, size = [], 0
@@ -272,7 +296,8 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
     return b"".join(chunks)
 
 
-async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str):  # noqa: ANN001, ANN202
+async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str,  # noqa: ANN001, ANN202
+                   fmt: oa.ResponseFormat):
     """Wait for a non-streamed answer, cancelling the job if the client goes away (checked every
     DISCONNECT_CHECK_S, also while pieces keep arriving)."""
     try:
@@ -289,24 +314,24 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
             if event is None or event[0] == "piece":
                 continue
             if event[0] == "done":
-                return oa.completion(event[1], model, request_id)
+                return fmt.whole(event[1], model, request_id)
             return _error(event[1], event[2])
     finally:
         job.cancel.set()  # no-op when finished; stops the worker if this handler is cancelled
 
 
 async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, text chunks, a final chunk, [DONE]; cancelled on disconnect."""
+               include_usage: bool, fmt: oa.ResponseFormat) -> AsyncIterator[str]:
+    """Server-sent events: an opening chunk (chat), text chunks, a final chunk, [DONE]; cancelled on disconnect."""
     try:
-        yield _event(oa.chunk(request_id, model, {"role": "assistant", "content": ""}))
+        if (opening := fmt.opening(request_id, model)) is not None:
+            yield _event(opening)
         while True:
             event = await events.get()
             if event[0] == "piece":
-                yield _event(oa.chunk(request_id, model, {"content": event[1]}))
+                yield _event(fmt.piece(request_id, model, event[1], event[2]))
             elif event[0] == "done":
-                result = event[1]
-                yield _event(oa.chunk(request_id, model, {}, result.finish_reason, result if include_usage else None))
+                yield _event(fmt.closing(request_id, model, event[1], include_usage))
                 break
             else:
                 yield _event({"error": {"message": event[2], "code": event[1]}})

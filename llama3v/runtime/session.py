@@ -22,6 +22,7 @@ from llama3v.progress import Progress
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
+from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
     MediaInfo,
@@ -49,6 +50,7 @@ class Result:
     n_reused: int = 0
     n_encodes: int = 0
     media: list[MediaInfo] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -70,6 +72,7 @@ class Generation:
 
     def __init__(self, run: Callable[[Generation], Iterator[str]]):
         self.result: Result | None = None
+        self.logprobs: list[TokenLogprob] = []  # grows token by token while streaming, when asked for
         self._pieces = run(self)
 
     def __iter__(self) -> Iterator[str]:
@@ -168,18 +171,42 @@ class Session:
 
         Sampling (defaults: runtime/options.py, SAMPLING): max_tokens, temperature (0: greedy), top_k, top_p,
         seed=None, stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
-        all_logits=False (keep prompt logits, for tests).
+        all_logits=False (keep prompt logits, for tests), logprobs=None (k: record each token's
+        log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
+        rule `root`, that constrains the answer), frequency_penalty=0 and presence_penalty=0 (OpenAI's, over
+        the generated tokens), require_room=False (refuse a prompt that leaves the context less than
+        max_tokens, instead of stopping where the context ends).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
-    def _run(self, messages: list[Message], max_tokens: int = SAMPLING.max_tokens,
-             temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
-             seed: int | None = None, stop: list[str] | None = None,
-             logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
+    def complete(self, text: str, **sampling: object) -> Generation:
+        """Continue raw text: BOS then `text` tokenized as is (no chat template, no media); sampling as in `chat`."""
+        prompt = _Prompt([self.model.tokenize(self.model.bos_text + text)])
+        n = len(prompt.identities())
+        if not self.ctx.fits(n + 1):  # the prompt and the answer's first token
+            raise Llama3vError(f"the prompt needs {n} positions but the context holds {self.ctx.n_ctx}: raise --n-ctx "
+                               "or shorten the prompt")
+        return self._start(prompt, [], **sampling)
+
+    def _run(self, messages: list[Message], max_tokens: int = SAMPLING.max_tokens, **sampling: object) -> Generation:
         prompt, media_info = self._prepare(messages, max_tokens)
-        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
+        return self._start(prompt, media_info, max_tokens, **sampling)
+
+    def _start(self, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int = SAMPLING.max_tokens,
+               temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
+               seed: int | None = None, stop: list[str] | None = None, logit_bias: dict[int, float] | None = None,
+               all_logits: bool = False, logprobs: int | None = None,
+               grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               require_room: bool = False) -> Generation:
+        n = len(prompt.identities())
+        if require_room and not self.ctx.fits(n + max_tokens):
+            raise Llama3vError(f"max_tokens {max_tokens} does not fit: the context holds {self.ctx.n_ctx} positions "
+                               f"and the prompt takes {n}, so at most {self.ctx.n_ctx - n} can be generated "
+                               "(lower max_tokens or raise --n-ctx)")
+        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar, frequency_penalty,
+                          presence_penalty, self.ctx.n_ctx)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
-                                                   all_logits))
+                                                   all_logits, logprobs))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
         pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>",
@@ -225,7 +252,7 @@ class Session:
         return prompt, [describe(parts) for parts in expanded]
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
-                stop: list[str], all_logits: bool) -> Iterator[str]:
+                stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
             t0 = time.perf_counter()
@@ -242,6 +269,8 @@ class Session:
                     finish = "stop"
                     break
                 tokens.append(tok)
+                if logprobs is not None:
+                    gen.logprobs.append(token_logprob(self.ctx.last_logits(), tok, logprobs, self.model.piece))
                 text += decoder.decode(self.model.piece(tok))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
@@ -262,6 +291,7 @@ class Session:
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
+                                logprobs=list(gen.logprobs) if logprobs is not None else None,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()
