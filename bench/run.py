@@ -1,12 +1,15 @@
 """`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
 
-    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video] [--threads 1,2]
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,mllama] [--threads 1,2]
 
 Models (random weights, real shapes; built once and cached under the llama3v cache):
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
   siglip    SigLIP-so400m-384 tower + mlp2x projector to 2048
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
             the decoder in f16 and q4_k_m
+  mllama    a small Llama-3.2-Vision: 560-pixel tiles (4 x 1601 cross-attention rows per image, as the 11B
+            model's) through a narrow 3-layer encoder, and a 1024-wide 10-layer f16 decoder whose layers 3 and 8
+            cross-attend (one in five, as the 11B model's)
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
 interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
@@ -45,6 +48,11 @@ QUESTION = ("Look at the picture carefully and tell me, in a few words, which ob
             "what colours they have, and where they are placed.")  # about 32 tokens with the image marker
 
 
+MLLAMA = dict(vision_hidden=32, vision_heads=2, vision_layers=2, global_layers=1, vision_ff=64,
+              intermediate_layers=(0,), image_size=560, patch_size=14, text_hidden=1024, text_heads=16,
+              text_kv_heads=4, text_layers=10, text_ff=4096, cross_layers=(3, 8))
+
+
 def build(name: str) -> Path:
     """The cached GGUF directory of a bench model (built on first use)."""
     from llama3v.converters.convert import convert
@@ -54,6 +62,14 @@ def build(name: str) -> Path:
     out = root / "gguf"
     marker = out / "complete"
     if marker.exists():
+        return out
+    if name == "mllama":
+        from llama3v.testing.mllama_factory import TinyMllamaSpec, make_mllama_checkpoint
+
+        print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
+        make_mllama_checkpoint(root / "ckpt", TinyMllamaSpec(**MLLAMA))
+        convert(root / "ckpt", out, "f16", "f32", force=True)
+        marker.write_text("ok")
         return out
     spec = {"vitl336": TinySpec(**VITL, text_hidden=4096, **SMALL_TEXT),
             "siglip": TinySpec(**SIGLIP, text_hidden=2048, **SMALL_TEXT),
@@ -251,6 +267,37 @@ def section_decode(threads: int, rounds: int, model_type: str) -> dict:
     return res
 
 
+def section_mllama(threads: int, rounds: int) -> dict:
+    """mllama: decode tokens/s with an image attached (cross-attention K/V read from the cache) and without,
+    paired; the image's encode and cross-state times."""
+    from llama3v.evaluation.scenes import scene
+    from llama3v.runtime.session import Session
+
+    out = build("mllama")
+    n = 64
+    session = Session(out / "model-f16.gguf", out / "mmproj-f32.gguf", n_ctx=1024, n_threads=threads)
+    ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
+    image = scene(1, 1120, 1120)  # a 2 x 2 grid: 4 real tiles
+    first = session.generate(QUESTION, images=[image], max_tokens=1, temperature=0).wait()
+
+    def rate(images: list) -> float:
+        # Same prompt each round: the image stays attached and the prefix is reused, only decoding is timed.
+        return session.generate(QUESTION, images=images, max_tokens=n, temperature=0, logit_bias=ban).wait() \
+            .timings["decode_tokens_per_s"]
+
+    rates: dict[str, list[float]] = {"with image": [], "text only": []}
+    rate([image]), rate([])
+    for _ in range(rounds):
+        rates["with image"].append(rate([image]))
+        rates["text only"].append(rate([]))
+    res = {k: summary(v, 1.0) for k, v in rates.items()}
+    res["with image / text only"] = ratio(rates["with image"], rates["text only"])
+    tiles = first.media[0].n_tiles
+    res[f"encode ms ({tiles} tiles, once)"] = summary([first.media[0].encode_ms / 1e3])
+    res[f"cross-state ms ({tiles} tiles, once)"] = summary([first.timings["cross_states_ms"] / 1e3])
+    return res
+
+
 def section_video(threads: int, rounds: int) -> dict:
     """Video end to end (decode, sample, budget, encode) on the H.264 test clip or a made one."""
     from llama3v.runtime.encoder import VisionEncoder
@@ -288,8 +335,9 @@ def section_video(threads: int, rounds: int) -> dict:
 # decode scaling only, so that the suite stays near 15 minutes here).
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
         ("video", 2): ("",), ("encode", 1): ("vitl336",), ("ttft", 1): (), ("decode", 1): ("q4_k_m",),
-        ("video", 1): ()}
-SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video}
+        ("video", 1): (), ("mllama", 2): ("",), ("mllama", 1): ()}
+SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
+            "mllama": section_mllama}
 
 
 def environment() -> dict:
@@ -347,7 +395,7 @@ def _print(res: dict, path: str = "") -> None:
 def main() -> None:
     """Run the suite, print the tables, append the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="encode,ttft,decode,video")
+    ap.add_argument("--sections", default="encode,ttft,decode,video,mllama")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("torch", reason="the reference needs the optional torch extra")
 
 from llama3v.converters.convert import convert  # noqa: E402
+from llama3v.errors import Llama3vError  # noqa: E402
 from llama3v.evaluation.scenes import scene  # noqa: E402
 from llama3v.models.mllama import MllamaReference  # noqa: E402
 from llama3v.runtime.media import EncodeCache  # noqa: E402
@@ -187,3 +188,18 @@ def test_two_images_each_seen_by_its_own_span(built, session):
     diff = float(np.abs(session.prompt_logits[:, :want.shape[1]] - want).max())
     print(f"two images ({tiles[0].grid}, {tiles[1].grid}), {len(ids)} positions: max abs logits diff {diff:.3g}")
     assert diff < 1e-4
+
+
+def test_bad_pairs_and_media_are_refused_clearly(built, session, tiny):
+    """An mllama file paired with a LLaVA one, a video for an mllama model, an image without an mmproj."""
+    model, mmproj, _ = built
+    llava = tiny()  # the default tiny LLaVA pair
+    for pair in ((model, llava.mmproj), (llava.model, mmproj)):
+        with pytest.raises(Llama3vError, match="do not belong together"):
+            Session(*pair, n_ctx=64)
+    with pytest.raises(Llama3vError, match="take images, not videos"):
+        session.generate("What happens?", videos=["clip.mp4"], max_tokens=1).wait()
+    with Session(model, None, n_ctx=64) as text_only, pytest.raises(Llama3vError, match="no mmproj"):
+        text_only.generate("hi", images=[scene(0, 28, 28)], max_tokens=1).wait()
+    session.reset()
+    assert session.generate("still fine", temperature=0, max_tokens=2).wait().tokens  # valid input still works
