@@ -1,9 +1,10 @@
 """`llama3v serve`: an OpenAI-compatible HTTP server over one session (FastAPI + uvicorn).
 
 FastAPI and uvicorn are what llama-cpp-python's own server uses: maintained, typed, with
-server-sent events through Starlette. The model serves one request at a time: requests wait in
-a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
-that disconnects stops its generation at the next token, freeing the model. Loopback by default;
+server-sent events through Starlette. The model serves `--parallel` requests at once (one by
+default), decoded together in one context (Worker): more wait in a bounded queue (a full queue
+answers 503) and start in order as slots free up; a client that disconnects stops its generation
+at the next token, freeing its slot. Loopback by default;
 optional API key; local media only under the allowed roots; remote URLs only if enabled.
 Besides /v1/chat/completions it answers the legacy /v1/completions (text_completions.py) and serves
 the chat page at / (page.py).
@@ -17,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from llama3v.errors import Llama3vError
 from llama3v.runtime import openai_api as oa
 from llama3v.runtime import text_completions as tc
 from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
-from llama3v.runtime.session import Session
+from llama3v.runtime.session import Generation, Session
 
 log = logging.getLogger("llama3v.server")
 
@@ -56,16 +57,41 @@ class _Job:
     prompt: str | None = None  # /v1/completions: raw text to continue instead of messages
 
 
+@dataclass
+class _Active:
+    """A job in a slot: its generation and how many logprobs were sent."""
+
+    job: _Job
+    gen: Generation
+    steps: Iterator[str | int]
+    sent: int = 0
+
+
 class Worker:
-    """Runs jobs one at a time on the session, in a thread of its own."""
+    """Runs jobs on the session's slots in a thread of its own: the one thread that touches llama.cpp.
+
+    Each round it asks every running generation for its next token (sampled from the last batch's
+    logits), then starts queued jobs in free slots (encoding their media and decoding their prompt
+    into their own sequence, one job after another: libmtmd and libllama are not safe to call from
+    several threads), then decodes the round's tokens of every slot in one batch."""
 
     def __init__(self, session: Session, config: ServerConfig):
         self.session, self.config = session, config
         self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
-        self.busy = False
-        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self.slots: list[_Active | None] = [None] * session.ctx.n_seq
+        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "slots_peak": 0}
         self._thread = threading.Thread(target=self._run, name="llama3v-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any slot is generating."""
+        return self.in_use > 0
+
+    @property
+    def in_use(self) -> int:
+        """Slots generating now."""
+        return sum(a is not None for a in self.slots)
 
     def submit(self, job: _Job) -> None:
         """Queue a job, or raise a 503 RequestError when the queue is full."""
@@ -77,53 +103,101 @@ class Worker:
                                   503) from None
 
     def stop(self) -> None:
-        """Finish the current job and end the thread."""
+        """Finish the running jobs and end the thread."""
         self.jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancel.is_set():
-                self.stats["cancelled"] += 1
-                continue
-            self.busy = True
+        stopping = False
+        while not stopping or self.busy:
+            tokens: dict[int, int] = {}
+            for slot in range(len(self.slots)):
+                if self.slots[slot] is not None:
+                    self._advance(slot, tokens)
+            while not stopping and None in self.slots:
+                try:  # wait only when nothing is running
+                    job = self.jobs.get_nowait() if self.busy else self.jobs.get()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                elif job.cancel.is_set():
+                    self.stats["cancelled"] += 1
+                    _remove(job.temp_files)
+                else:
+                    self._start(job, tokens)
             try:
-                self._serve(job)
-            finally:
-                self.busy = False
-                for path in job.temp_files:
-                    path.unlink(missing_ok=True)
+                self.session.decode_step(tokens)
+            except Exception as e:  # the batch failed: every generation in it ends
+                log.exception("batch decode failed")
+                for slot in tokens:
+                    self._fail(slot, e)
 
-    def _serve(self, job: _Job) -> None:
-        deadline = job.queued + self.config.request_timeout_s
+    def _start(self, job: _Job, tokens: dict[int, int]) -> None:
+        """Begin a job in a free slot: the session picks the one that holds the longest prefix of its prompt."""
+        free = [i for i, a in enumerate(self.slots) if a is None]
         try:
             if job.prompt is None:
-                gen = self.session.chat(job.messages, **job.options)
+                gen = self.session.chat(job.messages, slot=free, **job.options)
             else:
-                gen = self.session.complete(job.prompt, **job.options)
-            sent = 0
-            for piece in gen:
-                if job.cancel.is_set() or time.monotonic() > deadline:
-                    gen.close()
-                    timed_out = not job.cancel.is_set()
-                    self.stats["cancelled"] += 1
-                    if timed_out:
-                        job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
+                gen = self.session.complete(job.prompt, slot=free, **job.options)
+        except Exception as e:
+            self._refuse(job, e)
+            _remove(job.temp_files)
+            return
+        self.slots[gen.slot] = _Active(job, gen, gen.steps())
+        self.stats["slots_peak"] = max(self.stats["slots_peak"], self.in_use)
+        self._advance(gen.slot, tokens)
+
+    def _advance(self, slot: int, tokens: dict[int, int]) -> None:
+        """Run a slot's generation to its next token to decode (into `tokens`), or to its end."""
+        active = self.slots[slot]
+        job = active.job
+        if job.cancel.is_set() or time.monotonic() > job.queued + self.config.request_timeout_s:
+            active.gen.close()
+            self.stats["cancelled"] += 1
+            if not job.cancel.is_set():
+                job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
+            self._free(slot)
+            return
+        try:
+            for step in active.steps:
+                if isinstance(step, int):
+                    tokens[slot] = step
                     return
-                job.push(("piece", piece, gen.logprobs[sent:]))
-                sent = len(gen.logprobs)
-            self.stats["served"] += 1
-            job.push(("done", gen.result))
-        except oa.RequestError as e:
-            self.stats["failed"] += 1
+                job.push(("piece", step, active.gen.logprobs[active.sent:]))
+                active.sent = len(active.gen.logprobs)
+        except Exception as e:
+            self._fail(slot, e)
+            return
+        self.stats["served"] += 1
+        job.push(("done", active.gen.result))
+        self._free(slot)
+
+    def _fail(self, slot: int, e: Exception) -> None:
+        """Answer a slot's job with the error and free the slot."""
+        self._refuse(self.slots[slot].job, e)
+        self._free(slot)
+
+    def _refuse(self, job: _Job, e: Exception) -> None:
+        self.stats["failed"] += 1
+        if isinstance(e, oa.RequestError):
             job.push(("error", e.status, str(e)))
-        except Llama3vError as e:
-            self.stats["failed"] += 1
+        elif isinstance(e, Llama3vError):
             job.push(("error", 400, str(e)))
-        except Exception as e:  # a bug must not take the worker down
-            self.stats["failed"] += 1
-            log.exception("request failed")
+        else:  # a bug must not take the worker down
+            log.error("request failed", exc_info=e)
             job.push(("error", 500, f"internal error: {type(e).__name__}"))
+
+    def _free(self, slot: int) -> None:
+        active, self.slots[slot] = self.slots[slot], None
+        active.gen.close()  # a no-op once finished; else the KV cache keeps what was decoded so far
+        _remove(active.job.temp_files)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
@@ -165,7 +239,8 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "busy": worker.busy, "queued": worker.jobs.qsize(), **worker.stats}
+        return {"status": "ok", "busy": worker.busy, "slots_in_use": worker.in_use, "slots": len(worker.slots),
+                "queued": worker.jobs.qsize(), **worker.stats}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -180,8 +255,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
             job.messages = await asyncio.to_thread(oa.session_messages, payload.get("messages"), config.media,
                                                    job.temp_files)
         except BaseException:
-            for path in job.temp_files:
-                path.unlink(missing_ok=True)
+            _remove(job.temp_files)
             raise
         return await answer(request, payload, job, oa.ChatFormat)
 
