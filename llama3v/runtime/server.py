@@ -46,7 +46,9 @@ class ServerConfig:
 
 
 @dataclass
-class _Job:
+class Job:
+    """One request for the worker: chat messages (or a raw prompt) and sampling options; `push` gets its events."""
+
     messages: list[dict]
     options: dict
     # delivers ("piece", text, token logprobs) / ("done", Result) / ("error", status, text)
@@ -61,7 +63,7 @@ class _Job:
 class _Active:
     """A job in a slot: its generation and how many logprobs were sent."""
 
-    job: _Job
+    job: Job
     gen: Generation
     steps: Iterator[str | int]
     sent: int = 0
@@ -77,7 +79,7 @@ class Worker:
 
     def __init__(self, session: Session, config: ServerConfig):
         self.session, self.config = session, config
-        self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=config.max_queue)
         self.slots: list[_Active | None] = [None] * session.ctx.n_seq
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "slots_peak": 0}
         self._thread = threading.Thread(target=self._run, name="llama3v-worker", daemon=True)
@@ -93,7 +95,7 @@ class Worker:
         """Slots generating now."""
         return sum(a is not None for a in self.slots)
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         """Queue a job, or raise a 503 RequestError when the queue is full."""
         try:
             self.jobs.put_nowait(job)
@@ -133,7 +135,7 @@ class Worker:
                 for slot in tokens:
                     self._fail(slot, e)
 
-    def _start(self, job: _Job, tokens: dict[int, int]) -> None:
+    def _start(self, job: Job, tokens: dict[int, int]) -> None:
         """Begin a job in a free slot: the session picks the one that holds the longest prefix of its prompt."""
         free = [i for i, a in enumerate(self.slots) if a is None]
         try:
@@ -179,7 +181,7 @@ class Worker:
         self._refuse(self.slots[slot].job, e)
         self._free(slot)
 
-    def _refuse(self, job: _Job, e: Exception) -> None:
+    def _refuse(self, job: Job, e: Exception) -> None:
         self.stats["failed"] += 1
         if isinstance(e, oa.RequestError):
             job.push(("error", e.status, str(e)))
@@ -250,7 +252,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
         payload = await read_json(request, config)
-        job = _Job(messages=[], options=oa.sampling(payload, config.default_max_tokens))
+        job = Job(messages=[], options=oa.sampling(payload, config.default_max_tokens))
         try:
             job.messages = await asyncio.to_thread(oa.session_messages, payload.get("messages"), config.media,
                                                    job.temp_files)
@@ -262,11 +264,11 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     @app.post("/v1/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or an event stream
         payload = await read_json(request, config)
-        job = _Job(messages=[], options=oa.sampling(payload, config.default_max_tokens),
+        job = Job(messages=[], options=oa.sampling(payload, config.default_max_tokens),
                    prompt=tc.prompt_text(payload))
         return await answer(request, payload, job, tc.TextFormat)
 
-    async def answer(request: Request, payload: dict, job: _Job, fmt: oa.ResponseFormat):  # noqa: ANN202
+    async def answer(request: Request, payload: dict, job: Job, fmt: oa.ResponseFormat):  # noqa: ANN202
         """Queue the job; stream its events or wait for the whole answer, written in `fmt`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -315,7 +317,7 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
     return b"".join(chunks)
 
 
-async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str,  # noqa: ANN001, ANN202
+async def _collect(request, events: asyncio.Queue, job: Job, request_id: str, model: str,  # noqa: ANN001, ANN202
                    fmt: oa.ResponseFormat):
     """Wait for a non-streamed answer, cancelling the job if the client goes away."""
     try:
@@ -334,7 +336,7 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
         job.cancel.set()  # no-op when finished; stops the worker if this handler is cancelled
 
 
-async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
+async def _sse(events: asyncio.Queue, job: Job, request_id: str, model: str,
                include_usage: bool, fmt: oa.ResponseFormat) -> AsyncIterator[str]:
     """Server-sent events: an opening chunk (chat), text chunks, a final chunk, [DONE]; cancelled on disconnect."""
     try:
