@@ -6,7 +6,7 @@ Models (random weights, real shapes; built once and cached under the llama3v cac
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
   siglip    SigLIP-so400m-384 tower + mlp2x projector to 2048
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
-            the decoder in f16 and q4_k_m (`parallel`: 1, 2 and 4 clients at once on its q4_k_m decoder)
+            the decoder in f16 and q4_k_m (`parallel`: 1, 2 and 4 clients at once on each decoder)
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
 interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
@@ -253,12 +253,14 @@ def section_decode(threads: int, rounds: int, model_type: str) -> dict:
 
 PARALLEL_CLIENTS = (1, 2, 4)
 PARALLEL_ANSWER = 32  # tokens per answer
-PARALLEL_REQUESTS = 3  # questions each client asks, one after another
+PARALLEL_REQUESTS = 2  # questions each client asks, one after another
 
 
 def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
-    """`serve --parallel 4` without HTTP: 1, 2 and 4 clients at once, each asking three text questions in turn
-    (each its own, of different lengths) through the server's worker; aggregate tokens/s and time to first token.
+    """`serve --parallel 4` without HTTP: 1, 2 and 4 clients at once, each asking two text questions in turn
+    (each its own, of different lengths) through the server's worker: aggregate tokens/s end to end (all answers'
+    tokens over the wall time), aggregate decode tokens/s (the same tokens over the wall time less every request's
+    encode and prompt time: the worker decodes nothing else meanwhile) and time to first token.
     Also the KV cache's resident memory per slot, from the process's RSS around contexts of 1 and 4 slots."""
     import threading
 
@@ -281,7 +283,7 @@ def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
     worker = Worker(session, ServerConfig())
     ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
 
-    def client(k: int, ttft: list[float]) -> int:
+    def client(k: int, ttft: list[float], prefill: list[float]) -> int:
         tokens = 0
         for j in range(PARALLEL_REQUESTS):
             question = f"Client {k}, question {j}: " + QUESTION[:40 + 30 * ((k + j) % 4)]
@@ -300,36 +302,45 @@ def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
             done.wait()
             assert first[-1][0] == "done", first[-1]
             ttft.append(first[0] - t0)
-            tokens += len(first[-1][1].tokens)
+            result = first[-1][1]
+            tokens += len(result.tokens)
+            prefill.append((result.timings["encode_ms"] + result.timings["prompt_ms"]) / 1e3)
         return tokens
 
-    def wave(n: int) -> tuple[float, int, list[float]]:
+    def wave(n: int) -> tuple[float, float, int, list[float]]:
+        """Seconds, seconds of prefill (the worker decodes nothing else meanwhile), tokens, times to first token."""
         ttft: list[float] = []
+        prefill: list[float] = []
         counts = [0] * n
-        threads_ = [threading.Thread(target=lambda k=k: counts.__setitem__(k, client(k, ttft))) for k in range(n)]
+        threads_ = [threading.Thread(target=lambda k=k: counts.__setitem__(k, client(k, ttft, prefill)))
+                    for k in range(n)]
         t0 = time.perf_counter()
         for t in threads_:
             t.start()
         for t in threads_:
             t.join()
-        return time.perf_counter() - t0, sum(counts), ttft
+        return time.perf_counter() - t0, sum(prefill), sum(counts), ttft
 
     for n in PARALLEL_CLIENTS:  # warm-up
         wave(n)
     rates: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    decode: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
     ttfts: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
     for _ in range(rounds):
         for n in PARALLEL_CLIENTS:
-            seconds, tokens, ttft = wave(n)
+            seconds, prefill, tokens, ttft = wave(n)
             rates[n].append(tokens / seconds)
+            decode[n].append(tokens / (seconds - prefill))
             ttfts[n].extend(ttft)
     worker.stop()
     for n in PARALLEL_CLIENTS:
-        res[f"{n} clients tokens/s"] = summary(rates[n], 1.0)
+        res[f"{n} clients tokens/s end to end"] = summary(rates[n], 1.0)
+        res[f"{n} clients decode tokens/s"] = summary(decode[n], 1.0)
+        res[f"{n} clients / 1 client decode tokens/s"] = ratio(decode[n], decode[1])
         cut = statistics.quantiles(ttfts[n], n=20, method="inclusive")
         res[f"{n} clients ttft ms"] = {**summary(ttfts[n]), "p50": statistics.median(ttfts[n]) * 1e3,
                                        "p95": cut[18] * 1e3}
-        res[f"{n} clients / 1 client tokens/s"] = ratio(rates[n], rates[1])
+        res[f"{n} clients / 1 client tokens/s end to end"] = ratio(rates[n], rates[1])
     return res
 
 
@@ -374,7 +385,7 @@ def section_video(threads: int, rounds: int) -> dict:
 # What each section measures at 2 threads and at 1 (TTFT with the q4_k_m decoder only, 1 thread: the encode and
 # decode scaling only, so that the suite stays near 15 minutes here).
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
-        ("video", 2): ("",), ("parallel", 2): ("q4_k_m",), ("encode", 1): ("vitl336",), ("ttft", 1): (),
+        ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("encode", 1): ("vitl336",), ("ttft", 1): (),
         ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): ()}
 SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
             "parallel": section_parallel}
