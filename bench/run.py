@@ -297,7 +297,7 @@ def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
                     first.append(event)
                     done.set()
 
-            worker.submit(Job(messages=[{"role": "user", "content": question}], push=push,
+            worker.submit(Job(messages=[{"role": "user", "content": question}], push=push, ticket=worker.admit(0),
                               options={"max_tokens": PARALLEL_ANSWER, "temperature": 0, "logit_bias": ban}))
             done.wait()
             assert first[-1][0] == "done", first[-1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llama3v.errors import Llama3vError
 from llama3v.hf.checkpoint import Checkpoint, open_checkpoint
-from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.hf.key_formats import LlavaCheckpoint, canonical_name
 from llama3v.hf.mllama_config import MllamaConfig
 
 _RULES = [(re.compile(p), r) for p, r in [
@@ -34,14 +34,6 @@ def is_mllama(config: dict) -> bool:
     return config.get("model_type") == "mllama" or "MllamaForConditionalGeneration" in archs
 
 
-def canonical_name(name: str) -> str | None:
-    """Map a checkpoint tensor name to its canonical name, or None when it is not part of the model."""
-    for pattern, repl in _RULES:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
-    return None
-
-
 @dataclass
 class MllamaCheckpoint(LlavaCheckpoint):
     """An mllama checkpoint under canonical tensor names, with its parsed configuration."""
@@ -57,7 +49,7 @@ def load_mllama(src: str | Path) -> MllamaCheckpoint:
     config = MllamaConfig.from_dicts(main.config, main.read_json("preprocessor_config.json"))
     sources = {}
     for name in main.shapes:
-        canon = canonical_name(name)
+        canon = canonical_name(name, _RULES)
         if canon is not None:
             sources[canon] = (main, name)
     key_format = "mllama-4.52" if any(n.startswith("model.") for n in main.shapes) else "mllama"

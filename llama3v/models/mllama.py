@@ -28,9 +28,9 @@ from llama3v.hf.config import TextConfig
 from llama3v.hf.mllama_config import MllamaConfig, MllamaVisionConfig
 from llama3v.hf.mllama_key_formats import MllamaCheckpoint, load_mllama
 from llama3v.mllama_format import cross_attention_spans
-from llama3v.models.llama import MLP, Block, RMSNorm, rope_inv_freq
+from llama3v.models.llama import MLP, Attention, Block, RMSNorm, rope_inv_freq
 from llama3v.models.llava import _load
-from llama3v.models.vision import ACTIVATIONS
+from llama3v.models.vision import VisionMLP
 
 NEG = torch.finfo(torch.float32).min  # HF's additive mask value
 
@@ -83,20 +83,6 @@ class VisionAttention(nn.Module):
         q, k, v = (p(x).view(M, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(M, N, D))
-
-
-class VisionMLP(nn.Module):
-    """fc1, activation, fc2."""
-
-    def __init__(self, cfg: MllamaVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., D] -> [..., D]."""
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionLayer(nn.Module):
@@ -181,17 +167,11 @@ class MllamaVisionEncoder(nn.Module):
 
 
 # --- decoder --------------------------------------------------------------------------------------
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Text queries attend to projected vision states; per-head RMS norms on queries and keys, no positions."""
 
     def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.n_head_dim
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        super().__init__(cfg)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 

@@ -77,7 +77,7 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    """fc1, activation, fc2."""
+    """fc1, activation, fc2 (any vision config with hidden_size, intermediate_size and hidden_act)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_model
 
 _KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids for the KV cache
 _FLASH_ATTN = {None: -1, False: 0, True: 1}
+_ATTR_UNKNOWN, _ATTR_CONTROL = 1 << 0, 1 << 3  # llama_token_attr
 
 
 class TextModel:
@@ -39,12 +40,13 @@ class TextModel:
         self.n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = self._llama.llama_model_n_ctx_train(self.ptr)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens parsed, no BOS added (the chat template writes it)."""
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`, no BOS added (the chat template writes it). `special`: the text of a control
+        token (`<|eot_id|>`) becomes that token; only for text the chat template wrote, never for a user's."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self._llama.llama_token * cap)()
-        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, True)
+        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
         if n < 0:
             raise Llama3vError(f"tokenization of {len(raw)} bytes failed")
         return list(buf[:n])
@@ -70,6 +72,16 @@ class TextModel:
     def bos_text(self) -> str:
         """The BOS token's text."""
         return self.token_text(self._llama.llama_vocab_bos(self.vocab))
+
+    def control_texts(self) -> list[str]:
+        """The texts that tokenize as control tokens only when special tokens are parsed (llama.cpp's
+        CONTROL and UNKNOWN attributes), longest first."""
+        if not hasattr(self, "_control_texts"):
+            flags = _ATTR_CONTROL | _ATTR_UNKNOWN
+            found = {self.token_text(t) for t in range(self.n_vocab)
+                     if self._llama.llama_vocab_get_attr(self.vocab, t) & flags}
+            self._control_texts = sorted((t for t in found if t), key=len, reverse=True)
+        return self._control_texts
 
     @property
     def chat_template(self) -> str | None:

@@ -5,6 +5,10 @@ kind takes the k-th item of that kind. A message with media but no markers gets 
 text, each followed by a newline. Markers become private sentinels while the template renders,
 then the rendered text is split there, so templates that trim or restyle content still place
 every item exactly once.
+
+Only the template inserts control tokens. Text in a message that spells one (`<|eot_id|>`) would
+otherwise become that token and let a user forge turns; such text is set aside as a sentinel too
+and comes back as `Plain` text, which is tokenized without parsing special tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ from llama3v.runtime.image_processing import ImageInput
 MARKERS = {"image": "<image>", "video": "<video>"}
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
 _SENTINEL = "<|llama3v-media-{}|>"
-_SENTINEL_RE = re.compile(r"<\|llama3v-media-(\d+)\|>")
+_LITERAL = "<|llama3v-text-{}|>"
+_SENTINEL_RE = re.compile(r"<\|llama3v-(media|text)-(\d+)\|>")
+
+
+class Plain(str):
+    """Text a user or a media item supplied: tokenized as plain text, never as control tokens."""
 
 
 @dataclass
@@ -68,16 +77,27 @@ def message_from_openai(msg: dict) -> Message:
     return Message(role, text, media)
 
 
-def render(template: str, messages: list[Message], bos: str, eos: str) -> tuple[list[str | int], list]:
+def render(template: str, messages: list[Message], bos: str, eos: str,
+           control_texts: list[str] = ()) -> tuple[list[str | int], list]:
     """Render the chat template with the assistant header appended.
 
-    Returns the prompt as a list of text pieces and media indices (into the returned media list,
-    in prompt order) and that media list.
+    Returns the prompt as a list of text pieces (`Plain` where the text came from a message and spells
+    one of `control_texts`) and media indices (into the returned media list, in prompt order) and that
+    media list.
     """
     media: list = []
+    literals: list[str] = []
+    # Our own sentinels typed by a user are set aside as well; the media markers stay (a vocabulary may list them).
+    guarded = [t for t in control_texts if t not in MARKERS.values()]
+    literal_re = re.compile("|".join([_SENTINEL_RE.pattern, *map(re.escape, guarded)]))
+
+    def set_aside(match: re.Match) -> str:
+        literals.append(match.group(0))
+        return _LITERAL.format(len(literals) - 1)
+
     rendered_msgs = []
     for m in messages:
-        text = place_media(m.text, m.media)
+        text = literal_re.sub(set_aside, place_media(m.text, m.media))
         by_kind: dict[str, list] = {k: [s for kk, s in m.media if kk == k] for k in MARKERS}
 
         def swap(match: re.Match, by_kind: dict = by_kind) -> str:
@@ -99,7 +119,11 @@ def render(template: str, messages: list[Message], bos: str, eos: str) -> tuple[
     for match in _SENTINEL_RE.finditer(text):
         if match.start() > pos:
             pieces.append(text[pos:match.start()])
-        pieces.append(int(match.group(1)))
+        k = int(match.group(2))
+        if match.group(1) == "media":
+            pieces.append(k)
+        elif k < len(literals):
+            pieces.append(Plain(literals[k]))
         pos = match.end()
     if pos < len(text):
         pieces.append(text[pos:])

@@ -239,7 +239,8 @@ class Session:
                           slot, lambda tok: self.ctx.decode_tokens([tok], seq=slot))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
-        pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
+        pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>",
+                               self.model.control_texts())
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
         o = self.options
@@ -250,10 +251,10 @@ class Session:
         budget = o.max_video_tokens
         if videos and budget is None:
             # The context left after everything that is not a video row, the answer's room included.
-            fixed = sum(len(self.model.tokenize(p)) for p in pieces if isinstance(p, str))
-            fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p))
+            fixed = sum(len(self.model.tokenize(p, type(p) is str)) for p in pieces if isinstance(p, str))
+            fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p, False))
                          for parts in images.values() for p in parts)
-            fixed += sum(len(self.model.tokenize(t)) for v in videos.values() for t in v.timestamp_texts)
+            fixed += sum(len(self.model.tokenize(t, False)) for v in videos.values() for t in v.timestamp_texts)
             budget = default_budget(self.ctx.n_ctx, fixed, answer_tokens, len(videos))
         expanded = [images[i] if i in images else
                     video_parts(videos[i], self.encoder, self.cache, budget, o.video_measure, self.progress)
@@ -261,13 +262,14 @@ class Session:
         runs: list[list[int] | Rows] = []
         for piece in pieces:
             parts: list[Part] = expanded[piece] if isinstance(piece, int) else [piece]
+            special = type(piece) is str  # the template's own text; never a user's (Plain) or a media item's
             for part in parts:
                 if isinstance(part, Rows):
                     runs.append(part)
                 elif runs and isinstance(runs[-1], list):
-                    runs[-1].extend(self.model.tokenize(part))
+                    runs[-1].extend(self.model.tokenize(part, special))
                 else:
-                    runs.append(self.model.tokenize(part))
+                    runs.append(self.model.tokenize(part, special))
         prompt = _Prompt(runs)
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
