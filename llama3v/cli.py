@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from llama3v import __version__, quant_types
@@ -58,6 +59,15 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
                    help="mmproj GGUF, needed for media" + (" (env LLAMA3V_MMPROJ)" if env else ""))
     p.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (4096)")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
+    _add_chat_template(p, "instead of the GGUF's")
+
+
+def _add_chat_template(p: argparse.ArgumentParser, what: str) -> None:
+    from llama3v.chat_formats import FORMATS
+
+    p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help=f"the prompt format to use {what}: {', '.join(FORMATS)}, or a Jinja template file "
+                   "(docs/prompts.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the LLM file (other LLM types: `llama3v quantize`)")
     p.add_argument("--mmproj-outtype", choices=quant_types.MMPROJ_TYPES, help="type of the mmproj file")
     p.add_argument("--vision-tower", type=Path, help="directory of the vision tower when it is not in SRC")
+    _add_chat_template(p, "instead of the one the checkpoint ships or its family was trained with")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
     p = sub.add_parser("embed", parents=[common], help="write the media embeddings that enter the context",
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama3v.runtime import engine
 
     engine.set_verbose(args.verbose)
+    warnings.showwarning = _show_warning
     try:
         return _COMMANDS[args.command](args)
     except Llama3vError as e:
@@ -214,13 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """Warnings as one line on stderr (llama3v's own without the source location)."""
+    print(f"llama3v: warning: {message}", file=sys.stderr)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from llama3v.converters.convert import convert
     from llama3v.converters.writer import stderr_progress
 
     model, mmproj = convert(args.src, args.outdir, args.model_outtype or args.outtype,
                             args.mmproj_outtype or args.outtype, vision_tower=args.vision_tower, force=args.force,
-                            progress=None if args.quiet else stderr_progress)
+                            progress=None if args.quiet else stderr_progress, chat_template=args.chat_template)
     if not args.quiet:
         sys.stderr.write("\n")
     print(model)
@@ -260,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
 
     with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  max_tiles=args.max_tiles, image_layout=args.image_layout, max_video_tokens=args.max_video_tokens,
-                 video_sampling=_sampling(args), progress=_progress(args)) as session:
+                 video_sampling=_sampling(args), progress=_progress(args), chat_template=args.chat_template) as session:
         gen = session.generate(args.prompt, media=args.media, system=args.system, max_tokens=args.n_predict,
                                temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         for piece in gen:
@@ -295,7 +312,7 @@ def _chat(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles) as session:
+                 max_tiles=args.max_tiles, chat_template=args.chat_template) as session:
         return run_repl(session, verbose=args.verbose, system=args.system, max_tokens=args.n_predict,
                         temperature=args.temp, seed=args.seed)
 
@@ -312,7 +329,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout,
         body_timeout_s=args.body_timeout)
     with Session(args.model, args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 max_tiles=args.max_tiles) as session:
+                 max_tiles=args.max_tiles, chat_template=args.chat_template) as session:
         serve(session, config, args.host, args.port, "debug" if args.verbose else "warning" if args.quiet else "info")
     return 0
 

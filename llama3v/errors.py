@@ -3,3 +3,7 @@
 
 class Llama3vError(Exception):
     """A user-facing error (bad input, unsupported model, resource limit); never a crash."""
+
+
+class Llama3vWarning(UserWarning):
+    """Something llama3v assumed on the user's behalf (the CLI prints it as one line on stderr)."""

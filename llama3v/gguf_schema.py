@@ -77,6 +77,7 @@ ROPE_FREQS = "rope_freqs.weight"
 LLM_BLOCK = "blk.{bid}.{part}.weight"  # attn_norm attn_q attn_k attn_v attn_output ffn_norm ffn_gate ffn_up ffn_down
 EMBEDDING_LENGTH_LLM = "llama.embedding_length"
 CHAT_TEMPLATE = "tokenizer.chat_template"
+CHAT_FORMAT = "llama3v.chat.format"  # which format the template is: a name (chat_formats.py) or its source
 TOKENIZER_MODEL = "tokenizer.ggml.model"
 TOKENS = "tokenizer.ggml.tokens"
 TOKEN_TYPES = "tokenizer.ggml.token_type"

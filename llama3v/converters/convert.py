@@ -26,8 +26,12 @@ def convert(
     vision_tower: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
 ) -> tuple[Path, Path]:
-    """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF."""
+    """Convert `src` and return the paths of the LLM GGUF and the mmproj GGUF.
+
+    `chat_template` (a format name or a template file) replaces the prompt format the checkpoint names.
+    """
     model_type, mmproj_type = parse_outtype(model_outtype, LLM_TYPES), parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
     model_path, mmproj_path = output_paths(outdir, model_outtype, mmproj_outtype)
@@ -39,9 +43,9 @@ def convert(
     # Plan both files before writing either, so a missing tensor leaves nothing behind.
     mmproj_plan(ckpt, mmproj_type)
     llm_plan(ckpt, model_type)
-    load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    vocab = load_vocab(ckpt, chat_template)
 
     outdir.mkdir(parents=True, exist_ok=True)
     write_mmproj(ckpt, mmproj_path, mmproj_type, progress)
-    write_llm(ckpt, model_path, model_type, progress)
+    write_llm(ckpt, model_path, model_type, vocab, progress)
     return model_path, mmproj_path

@@ -175,6 +175,8 @@ def _llava_hf_config(main: Checkpoint) -> LlavaConfig:
 
 def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) -> LlavaConfig:
     cfg = main.config
+    if cfg.get("use_s2"):
+        raise Llama3vError(f"{main.root}: multi-scale (S2) vision towers (use_s2, Bunny v1.1) are not supported yet")
     if "vision_config" in cfg:
         vision = VisionConfig.from_dict(cfg["vision_config"])
     elif tower is not None:

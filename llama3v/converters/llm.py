@@ -14,7 +14,7 @@ from llama3v.converters import tensor_map
 from llama3v.converters.config import TextConfig
 from llama3v.converters.layouts import LlavaCheckpoint
 from llama3v.converters.quantize import file_type, storage_type
-from llama3v.converters.tokenizer import load_vocab
+from llama3v.converters.tokenizer import Vocab
 from llama3v.converters.writer import TensorPlan, write_gguf
 
 
@@ -73,11 +73,11 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
     return lambda: permute_rotary(ckpt.get(src), n_head)
 
 
-def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
+def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, vocab: Vocab,
               progress: Callable[[str], None] | None = None) -> None:
-    """Convert the checkpoint's decoder and tokenizer into a llama GGUF at `path` (atomically)."""
+    """Convert the checkpoint's decoder and its tokenizer (`vocab`, from load_vocab) into a llama GGUF at `path`
+    (atomically)."""
     cfg = ckpt.config.text
-    vocab = load_vocab(ckpt.main, cfg.vocab_size)
     plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:

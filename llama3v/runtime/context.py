@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import re
 from pathlib import Path
 
 import numpy as np
+from gguf import TokenType
 
+from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_model
 
+_PARSED_ONLY_AS_SPECIAL = (TokenType.CONTROL, TokenType.UNKNOWN)  # llama.cpp's tokenizer_st_partition
 _KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids for the KV cache
 _FLASH_ATTN = {None: -1, False: 0, True: 1}
 
@@ -38,15 +43,48 @@ class TextModel:
         self.n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = self._llama.llama_model_n_ctx_train(self.ptr)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens parsed, no BOS added (the chat template writes it)."""
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`, special tokens parsed unless `special` is False, no BOS added (the chat template
+        writes it)."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self._llama.llama_token * cap)()
-        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, True)
+        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
         if n < 0:
             raise Llama3vError(f"tokenization of {len(raw)} bytes failed")
         return list(buf[:n])
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Token ids of rendered prompt text: control tokens parsed where the template wrote them, never inside
+        the user's text (a `prompt.Text`'s `plain` ranges).
+
+        The text is cut at the template's control tokens, as llama.cpp cuts it when parsing specials, and each
+        piece tokenized plain, so ids equal llama.cpp's own wherever the user typed no control token.
+        """
+        plain = getattr(text, "plain", ())
+        if not plain:
+            return self.tokenize(text)
+        out, pos = [], 0
+        for match in self._controls.finditer(text):
+            if any(a < match.end() and match.start() < b for a, b in plain):
+                continue
+            if match.start() > pos:
+                out += self.tokenize(text[pos:match.start()], special=False)
+            out.append(self._control_ids[match.group(0)])
+            pos = match.end()
+        return out + (self.tokenize(text[pos:], special=False) if pos < len(text) else [])
+
+    @functools.cached_property
+    def _control_ids(self) -> dict[str, int]:
+        """Control (and unknown) tokens by text: what llama.cpp parses only when asked to parse specials."""
+        tokens, types = self.info.get(S.TOKENS), self.info.get(S.TOKEN_TYPES) or []
+        return {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty in _PARSED_ONLY_AS_SPECIAL}
+
+    @functools.cached_property
+    def _controls(self) -> re.Pattern:
+        # Longest first, as llama.cpp matches them; a pattern that matches nothing when there are none.
+        names = sorted(self._control_ids, key=len, reverse=True)
+        return re.compile("|".join(re.escape(n) for n in names) or r"(?!)")
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as generated text (special tokens rendered empty)."""
@@ -69,6 +107,17 @@ class TextModel:
     def bos_text(self) -> str:
         """The BOS token's text."""
         return self.token_text(self._llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        """The EOS token's text."""
+        return self.token_text(self._llama.llama_vocab_eos(self.vocab))
+
+    @property
+    def chat_format(self) -> str | None:
+        """Which format the GGUF's chat template is (`llama3v.chat.format`), when the converter said."""
+        value = self.info.get(S.CHAT_FORMAT)
+        return value if isinstance(value, str) else None
 
     @property
     def chat_template(self) -> str | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama3v.chat_formats import FORMATS, resolve
 from llama3v.errors import Llama3vError
-from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
@@ -48,6 +48,7 @@ class Result:
     n_reused: int = 0
     n_encodes: int = 0
     media: list[dict] = field(default_factory=list)
+    chat_template: str = ""
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -59,7 +60,7 @@ class Result:
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "n_prompt_tokens": self.n_prompt_tokens, "finish_reason": self.finish_reason,
                 "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes, "media": self.media,
-                "timings": self.timings,
+                "chat_template": self.chat_template, "timings": self.timings,
                 "decode_tokens_per_s": self.timings.get("decode_tokens_per_s", 0.0)}
 
 
@@ -120,6 +121,7 @@ class Session:
         max_video_tokens: int | None = None,
         video_sampling: Sampling | None = None,
         progress: Progress | None = None,
+        chat_template: str | None = None,
     ):
         model_info = read_model(model_path)
         if mmproj_path is not None:
@@ -127,14 +129,16 @@ class Session:
         self.model = TextModel(model_path, n_gpu_layers=n_gpu_layers, info=model_info)
         self.ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
                            flash_attn=flash_attn)
-        self._setup(mmproj_path, n_threads, n_gpu_layers != 0, flash_attn, encode_cache_bytes, max_tiles, image_layout)
+        self._setup(mmproj_path, n_threads, n_gpu_layers != 0, flash_attn, encode_cache_bytes, max_tiles, image_layout,
+                    chat_template)
         self.max_video_tokens, self.progress = max_video_tokens, progress
         self.video_sampling = video_sampling or Sampling()
 
     @classmethod
     def from_llama(cls, llama: object, mmproj_path: str | Path | None = None, n_threads: int | None = None,
                    use_gpu: bool = True, flash_attn: bool | None = None, encode_cache_bytes: int = 256 << 20,
-                   max_tiles: int | None = None, image_layout: str | None = None) -> Session:
+                   max_tiles: int | None = None, image_layout: str | None = None,
+                   chat_template: str | None = None) -> Session:
         """A session over a `llama_cpp.Llama`'s own model and context, without loading the model again."""
         self = cls.__new__(cls)
         model_info = read_model(llama.model_path)
@@ -143,11 +147,12 @@ class Session:
         self.model = TextModel(llama.model_path, info=model_info, borrow=llama._model.model)
         self.ctx = Context(self.model, n_batch=llama.n_batch, borrow=llama._ctx.ctx)
         self._setup(mmproj_path, n_threads or llama.n_threads, use_gpu, flash_attn, encode_cache_bytes, max_tiles,
-                    image_layout)
+                    image_layout, chat_template)
         return self
 
     def _setup(self, mmproj_path: str | Path | None, n_threads: int | None, use_gpu: bool, flash_attn: bool | None,
-               encode_cache_bytes: int, max_tiles: int | None, image_layout: str | None) -> None:
+               encode_cache_bytes: int, max_tiles: int | None, image_layout: str | None,
+               chat_template: str | None) -> None:
         self.encoder = None
         if mmproj_path is not None:
             self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads, use_gpu=use_gpu,
@@ -160,8 +165,17 @@ class Session:
         self.video_sampling = Sampling()
         self.video_measure = DEFAULT_MEASURE
         self.progress: Progress | None = None  # called as (what, done, total) while decoding and encoding
-        self.template = self.model.chat_template or LLAMA3_TEMPLATE
+        self.template_name, self.template = self._chat_template(chat_template)
         self._held: list = []  # identities of the positions in the KV cache, in order
+
+    def _chat_template(self, override: str | None) -> tuple[str, str]:
+        """(name, template): `override` (a format name or file), else the GGUF's, else Llama-3's."""
+        if override:
+            chosen = resolve(override)
+            return chosen.name, chosen.template
+        if self.model.chat_template:
+            return self.model.chat_format or "gguf", self.model.chat_template
+        return "llama3 (the GGUF has no chat template)", FORMATS["llama3"].template
 
     def generate(self, prompt: str, images: list | tuple = (), videos: list | tuple = (),
                  system: str | None = None, media: list[tuple[str, object]] | None = None,
@@ -194,7 +208,7 @@ class Session:
                                                    all_logits))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
-        pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>")
+        pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text)
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
         images = {i: image_parts(src, i, self.encoder, self.cache, self.max_tiles, self.image_layout, self.progress)
@@ -204,7 +218,7 @@ class Session:
         budget = self.max_video_tokens
         if videos and budget is None:
             # The context left after everything that is not a video row, the answer's room included.
-            fixed = sum(len(self.model.tokenize(p)) for p in pieces if isinstance(p, str))
+            fixed = sum(len(self.model.tokenize_prompt(p)) for p in pieces if isinstance(p, str))
             fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p))
                          for parts in images.values() for p in parts)
             fixed += sum(len(self.model.tokenize(t)) for v in videos.values() for t in v.timestamp_texts)
@@ -219,9 +233,9 @@ class Session:
                 if isinstance(part, Rows):
                     runs.append(part)
                 elif runs and isinstance(runs[-1], list):
-                    runs[-1].extend(self.model.tokenize(part))
+                    runs[-1].extend(self.model.tokenize_prompt(part))
                 else:
-                    runs.append(self.model.tokenize(part))
+                    runs.append(self.model.tokenize_prompt(part))
         prompt = _Prompt(runs)
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
@@ -272,7 +286,7 @@ class Session:
             for info in media_info:
                 info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
-                                timings=timings, n_reused=keep, media=media_info,
+                                timings=timings, n_reused=keep, media=media_info, chat_template=self.template_name,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()
