@@ -57,6 +57,7 @@ PREPROCESS_MODE = "llama3v.preprocess.mode"  # resize | squash | pad: single-til
 PROJECTOR_KIND = "llama3v.projector.kind"  # mlp2x_gelu | linear: what the checkpoint had
 SOURCE_FEATURE_LAYER = "llama3v.vision.hf_feature_layer"  # the checkpoint's own index (-2 etc.)
 KEPT_PRECISION = "llama3v.quant.kept_precision"  # tensors the quantizer left in high precision
+S2_SCALES = "llama3v.s2.scales"  # i32[]: multi-scale (S2) image sizes, smallest = the tower's (docs/s2.md)
 
 # --- mmproj tensor names ------------------------------------------------------------------------
 CLASS_EMBD = "v.class_embd"
@@ -67,6 +68,7 @@ IMAGE_NEWLINE = "v.image_newline"  # LLaVA-NeXT's row separator; libmtmd loads i
 PRE_LN = "v.pre_ln.{}"
 VISION_BLOCK = "v.blk.{bid}.{part}.{kind}"  # part: attn_q attn_k attn_v attn_out ln1 ln2 ffn_up ffn_down
 PROJ_LAYER = "mm.{idx}.{kind}"  # idx 0 and 2: the LLaVA MLP's two linear layers
+S2_PROJ_LAYER = "s2.mm.{idx}.{kind}"  # an S2 checkpoint's projector, run by the runtime after merging scales
 
 # --- LLM (llama architecture) -------------------------------------------------------------------
 LLM_ARCH = "llama"
