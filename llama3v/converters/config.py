@@ -251,6 +251,4 @@ def s2_scales_from(value: object, vision: VisionConfig) -> tuple[int, ...]:
             scales):
         raise Llama3vError(f"s2_scales {list(scales)} must be distinct multiples of the tower's image size "
                            f"{vision.image_size}, starting with it")
-    if vision.image_size % vision.patch_size:
-        raise Llama3vError("S2 needs a tower whose image size is a multiple of its patch size")
     return scales

@@ -134,9 +134,9 @@ def _s2_tensors(info: GGUFInfo, d: int, mtmd_width: int, required: dict) -> int:
     size = int(info.get(S.IMAGE_SIZE))
     if (info.kv[S.S2_SCALES][0] != V.ARRAY or not isinstance(scales, list) or not scales or scales[0] != size
             or any(not isinstance(s, int) or s <= 0 or s % size or s > 16 * size for s in scales)
-            or scales != sorted(set(scales)) or size % int(info.get(S.PATCH_SIZE))):
+            or scales != sorted(set(scales))):
         raise info.fail(f"{S.S2_SCALES} {scales} must be increasing multiples of the image size {size}, "
-                        "starting with it, and the image size a multiple of the patch size")
+                        "starting with it")
     if mtmd_width != d:
         raise info.fail(f"an S2 mmproj's projector must pass the tower's {d} features through, not {mtmd_width}")
     w0, w2 = (info.tensors.get(S.S2_PROJ_LAYER.format(idx=i, kind="weight")) for i in (0, 2))
