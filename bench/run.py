@@ -10,7 +10,7 @@ Models (random weights, real shapes; built once and cached under the llama3v cac
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
             the decoder in f16 and q4_k_m
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
-interleaved runs (A B A B ... after a warm-up): medians with min and max (DESIGN.md, benchmarks).
+interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
 """
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from llama3v.paths import cache_dir  # noqa: E402
+from llama3v.paths import TEST_MEDIA, cache_dir  # noqa: E402
 
 VITL = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336, patch_size=14)
 SIGLIP = dict(vision="siglip", vision_hidden=1152, vision_heads=16, vision_layers=27, vision_ff=4304, image_size=384,
@@ -50,7 +50,7 @@ QUESTION = ("Look at the picture carefully and tell me, in a few words, which ob
 def build(name: str) -> Path:
     """The cached GGUF directory of a bench model (built on first use)."""
     from llama3v.converters.convert import convert
-    from llama3v.models.factory import TinySpec, make_checkpoint
+    from llama3v.testing.factory import TinySpec, make_checkpoint
 
     root = cache_dir() / "bench" / name
     out = root / "gguf"
@@ -68,7 +68,7 @@ def build(name: str) -> Path:
     convert(root / "ckpt", out, "f16" if name == "llava-1b" else "f32", "f32" if name != "llava-1b" else "f16",
             force=True)
     if name == "llava-1b":
-        from llama3v.runtime.llm_quantize import quantize_llm
+        from llama3v.quant.llm import quantize_llm
 
         quantize_llm(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m", force=True)
     marker.write_text("ok")
@@ -77,7 +77,7 @@ def build(name: str) -> Path:
 
 def mmproj(out: Path, mtype: str) -> Path:
     """The bench model's mmproj in `mtype`, requantized from its f32 or f16 one on first use."""
-    from llama3v.converters.requantize import requantize_mmproj
+    from llama3v.quant.requantize import requantize_mmproj
 
     path = out / f"mmproj-{mtype}.gguf"
     if not path.exists():
@@ -112,7 +112,7 @@ def ratio(a: list[float], b: list[float]) -> dict:
 
 
 def _image() -> Path:
-    photo = ROOT.parent / "shared" / "testdata" / "photo.jpeg"
+    photo = TEST_MEDIA / "photo.jpeg"
     if photo.is_file():
         return photo
     from llama3v.evaluation.scenes import scene
@@ -262,7 +262,7 @@ def section_video(threads: int, rounds: int) -> dict:
     from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
     from llama3v.runtime.video import Sampling, VideoReader
 
-    clip = ROOT.parent / "shared" / "testdata" / "clip.mp4"
+    clip = TEST_MEDIA / "clip.mp4"
     if not clip.is_file():
         sys.path.insert(0, str(ROOT / "bench"))
         from video import make_clip

@@ -1,4 +1,4 @@
-"""The one exception type users see: a clean failure whose message names the input and the problem."""
+"""The exception users see (a clean failure whose message names the input and the problem), and the warning."""
 
 
 class Llama3vError(Exception):
@@ -6,4 +6,5 @@ class Llama3vError(Exception):
 
 
 class Llama3vWarning(UserWarning):
-    """Something llama3v assumed on the user's behalf (the CLI prints it as one line on stderr)."""
+    """Something llama3v assumed on the user's behalf, or a file it can run but that will not give the answers
+    its checkpoint would; names the fix (the CLI prints it as one line on stderr)."""

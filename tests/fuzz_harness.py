@@ -217,7 +217,7 @@ def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
     from llama3v.converters.convert import convert
     from llama3v.evaluation.scenes import scene
     from llama3v.gguf_header import read_gguf
-    from llama3v.models.factory import TinySpec, make_checkpoint
+    from llama3v.testing.factory import TinySpec, make_checkpoint
 
     ckpt = make_checkpoint(workdir / "ckpt", TinySpec(vision_layers=1, feature_layer=-1, text_layers=1), "hf-5")
     model, mmproj = convert(ckpt, workdir / "gguf", "f16", "f16", force=True)

@@ -25,9 +25,9 @@ from llama3v.chat_formats import FORMATS
 from llama3v.converters.convert import convert
 from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.llama3_format import BEGIN_OF_TEXT, LLAMA3_TEMPLATE
-from llama3v.models.factory import IMAGE_TOKEN, TinySpec, make_checkpoint
 from llama3v.runtime.context import TextModel
 from llama3v.runtime.prompt import Message, render
+from llama3v.testing.factory import IMAGE_TOKEN, TinySpec, make_checkpoint
 
 CURIOUS_USER = ("A chat between a curious user and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import load_image, prepare_tile
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 SPEC = TinySpec(seed=2)
 

@@ -15,11 +15,11 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from llama3v.evaluation.parity import NMSE_BOUNDS, generation_parity, nmse, tiles_of
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.s2 import bicubic_matrix, scale_crops
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 # A tiny Bunny v1.1: SigLIP tower of 60 with patches of 14 (4 x 4 patches, the remainder dropped, as 384 / 14 in
 # SigLIP-so400m), scales 60/120/180 (1 + 4 + 9 crops, as 384/768/1152), the 120 scale resampled by 2/3 like 768

@@ -10,11 +10,12 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import VISION_ACTIVATIONS
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, kept_precision, storage_type
-from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import VISION_ACTIVATIONS
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.progress import Progress
+from llama3v.quant.storage import encode, file_type, kept_precision, storage_type
 
 
 def mmproj_plan(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[TensorPlan]:
@@ -104,17 +105,16 @@ def _s2_plans(ckpt: LlavaCheckpoint, outtype: GGMLQuantizationType) -> list[Tens
     return plans + [TensorPlan(name, shape, storage_type(name, shape, exact), fn) for name, shape, fn in specs]
 
 
-def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-                 progress: Callable[[str], None] | None = None) -> None:
-    """Convert the checkpoint's vision side into an mmproj GGUF at `path` (atomically)."""
-    plans = mmproj_plan(ckpt, outtype)
+def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
+                 progress: Progress | None = None) -> None:
+    """Write the checkpoint's vision side (`mmproj_plan`'s tensors) as an mmproj GGUF at `path` (atomically)."""
     cfg = ckpt.config
     v = cfg.vision
     use_gelu, use_silu = VISION_ACTIVATIONS[v.hidden_act]
     kept = kept_precision(plans, outtype)
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(f"{ckpt.root.name} vision")
+        w.add_name(f"{ckpt.name} vision")
         w.add_file_type(file_type(outtype))
         w.add_bool(S.HAS_VISION_ENCODER, True)
         w.add_string(S.PROJECTOR_TYPE, S.PROJECTOR_MLP)
@@ -144,4 +144,4 @@ def write_mmproj(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationTyp
         if cfg.s2_scales:
             w.add_array(S.S2_SCALES, list(cfg.s2_scales))
 
-    write_gguf(path, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(path, S.CLIP_ARCH, metadata, plans, encode, progress)

@@ -9,8 +9,9 @@ from gguf import GGUFWriter, TokenType
 
 from llama3v import gguf_schema as S
 from llama3v.chat_formats import FORMATS, ChatFormat, resolve
-from llama3v.converters.layouts import LlavaCheckpoint
 from llama3v.errors import Llama3vError, Llama3vWarning
+from llama3v.hf.checkpoint import Checkpoint
+from llama3v.hf.key_formats import LlavaCheckpoint
 from llama3v.llama3_format import LLAMA_CPP_PRE, PRETOKENIZE_REGEX
 
 
@@ -39,10 +40,9 @@ class Vocab:
         w.add_string(S.CHAT_FORMAT, self.chat.name)
 
 
-def load_vocab(llava: LlavaCheckpoint, chat_template: str | None = None) -> Vocab:
-    """Read tokenizer.json and tokenizer_config.json beside a checkpoint and choose its chat template
-    (`chat_template`: a `--chat-template` NAME or FILE that overrides the checkpoint's)."""
-    ckpt, vocab_size = llava.main, llava.config.text.vocab_size
+def load_vocab(ckpt: Checkpoint, vocab_size: int, chat: ChatFormat | None = None) -> Vocab:
+    """Read tokenizer.json and tokenizer_config.json beside a checkpoint; the chat template is `chat`, else the
+    checkpoint's own, else Llama-3's."""
     tok = ckpt.read_json("tokenizer.json")
     if tok is None:
         raise Llama3vError(f"{ckpt.root}: no tokenizer.json (llama3v needs the checkpoint's own tokenizer)")
@@ -72,7 +72,7 @@ def load_vocab(llava: LlavaCheckpoint, chat_template: str | None = None) -> Voca
         merges=merges,
         bos_id=_token_id(config.get("bos_token"), index, "<|begin_of_text|>"),
         eos_id=_token_id(config.get("eos_token"), index, "<|end_of_text|>"),
-        chat=resolve(chat_template) if chat_template else choose_chat_format(llava, config),
+        chat=chat or checkpoint_format(ckpt, config) or FORMATS["llama3"],
     )
 
 
@@ -91,23 +91,32 @@ def _token_id(value: object, index: dict[str, int], default: str) -> int:
     return index[text]
 
 
-def choose_chat_format(llava: LlavaCheckpoint, tokenizer_config: dict) -> ChatFormat:
-    """The format the checkpoint was trained with: its own template where it ships one (the processor's
-    chat_template.jinja / chat_template.json, then tokenizer_config.json's), else its family's, else
-    Llama-3's with a warning."""
-    ckpt = llava.main
-    template = ckpt.read_text("chat_template.jinja")
-    source = "chat_template.jinja"
+def checkpoint_format(ckpt: Checkpoint, tokenizer_config: dict) -> ChatFormat | None:
+    """The template a checkpoint ships: the processor's chat_template.jinja / chat_template.json, then
+    tokenizer_config.json's."""
+    template, source = ckpt.read_text("chat_template.jinja"), "chat_template.jinja"
     if not template:
         template, source = (ckpt.read_json("chat_template.json") or {}).get("chat_template"), "chat_template.json"
     if not template:
         template, source = tokenizer_config.get("chat_template"), "tokenizer_config.json"
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if template:
-        if not isinstance(template, str):
-            raise Llama3vError(f"{ckpt.root}: the chat template in {source} is not a string")
-        return ChatFormat(f"checkpoint:{source}", template, str(ckpt.root / source))
+    if not template:
+        return None
+    if not isinstance(template, str):
+        raise Llama3vError(f"{ckpt.root}: the chat template in {source} is not a string")
+    return ChatFormat(f"checkpoint:{source}", template, str(ckpt.root / source))
+
+
+def choose_chat_format(llava: LlavaCheckpoint, override: str | None = None) -> ChatFormat:
+    """The format a LLaVA checkpoint was trained with: `override` (a --chat-template NAME or FILE), else its own
+    template, else its family's, else Llama-3's with a warning."""
+    if override:
+        return resolve(override)
+    ckpt = llava.main
+    own = checkpoint_format(ckpt, ckpt.read_json("tokenizer_config.json") or {})
+    if own is not None:
+        return own
     family = family_format(llava)
     if family is None:
         warnings.warn(f"{ckpt.root}: no chat template and no known family in config.json; assuming Llama-3's "
@@ -126,8 +135,8 @@ def family_format(llava: LlavaCheckpoint) -> ChatFormat | None:
     config = llava.main.config
     if config.get("model_type") in ("bunny-llama", "bunny_llama"):
         return FORMATS["bunny-llama"]
-    if llava.layout == "llava-original" and any(k in config for k in _LLAVA_TRAIN_KEYS):
+    if llava.key_format == "llava-original" and any(k in config for k in _LLAVA_TRAIN_KEYS):
         return FORMATS["vicuna_v1"]
-    if llava.layout == "llava-original" and config.get("model_type") == "llava" and "use_mm_proj" in config:
+    if llava.key_format == "llava-original" and config.get("model_type") == "llava" and "use_mm_proj" in config:
         return FORMATS["llama3"]  # xtuner's llava-llama-3 (convert_xtuner_weights_to_llava.py): Llama-3's template
     return None

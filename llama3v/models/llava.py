@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3v.converters.config import LlavaConfig
-from llama3v.converters.layouts import LlavaCheckpoint, load_llava
 from llama3v.errors import Llama3vError
+from llama3v.hf.config import LlavaConfig
+from llama3v.hf.key_formats import LlavaCheckpoint, load_llava
 from llama3v.models.llama import Llama
 from llama3v.models.s2 import bicubic, s2_features
 from llama3v.models.vision import Projector, VisionTower

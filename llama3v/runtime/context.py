@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,9 @@ class TextModel:
 class Context:
     """A libllama context for sequence 0: decodes tokens and embedding rows at the next positions."""
 
-    def __init__(self, model: TextModel, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
+    def __init__(self, model: TextModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
                  kv_type: str = "f16", flash_attn: bool | None = None, borrow: object = None):
+        """A context of `n_ctx` positions (runtime/options.py holds the default), or `borrow` an existing one."""
         self.model = model
         llama = self._llama = model._llama
         self._owned = borrow is None
@@ -160,6 +162,10 @@ class Context:
             if not self.ptr:
                 raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_ctx = llama.llama_n_ctx(self.ptr)
+        if self.n_ctx > model.n_ctx_train > 0:
+            # llama.cpp runs it, but positions past the trained length are outside what the model learned.
+            warnings.warn(f"{model.path.name}: a context of {self.n_ctx} positions goes past the {model.n_ctx_train} "
+                          "the model was trained on; answers may degrade beyond that", stacklevel=3)
         self.n_batch = n_batch
         self.n_past = 0
         self._tok = llama.llama_batch_init(n_batch, 0, 1)
@@ -168,6 +174,10 @@ class Context:
             for i in range(n_batch):
                 batch.seq_id[i][0] = 0
                 batch.n_seq_id[i] = 1
+
+    def fits(self, n_positions: int) -> bool:
+        """The one rule for the context's size: `n_positions` positions from the start fit unless they exceed it."""
+        return n_positions <= self.n_ctx
 
     def truncate(self, n: int) -> None:
         """Forget every position from `n` on (keeps the KV cache of the first n)."""
@@ -190,7 +200,7 @@ class Context:
         n = len(tokens) if tokens is not None else len(rows)
         if n == 0:
             return None
-        if self.n_past + n > self.n_ctx:
+        if not self.fits(self.n_past + n):
             raise Llama3vError(f"the context holds {self.n_ctx} tokens; {self.n_past + n} are needed")
         batch = self._tok if tokens is not None else self._emb
         outputs = []
@@ -216,6 +226,10 @@ class Context:
                 outputs.append(self._logits(int(i)))
         return np.stack(outputs) if all_logits else outputs[-1]
 
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last position decoded (the one the next token is sampled from)."""
+        return self._logits(-1)
+
     def _logits(self, i: int) -> np.ndarray:
         ptr = self._llama.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
@@ -234,13 +248,23 @@ class Context:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: logit bias, then greedy at temperature 0, else top-k, top-p, temperature and
-    a seeded draw."""
+    """llama.cpp's sampler chain: a grammar (GBNF) if given, logit bias, frequency and presence penalties over the
+    tokens generated so far (OpenAI's: logit - frequency * count - presence * (count > 0)), then greedy at
+    temperature 0, else top-k, top-p, temperature and a seeded draw."""
 
     def __init__(self, model: TextModel, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
-                 seed: int | None = None, logit_bias: dict[int, float] | None = None):
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None, grammar: str | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, penalty_window: int = 4096):
         llama = self._llama = model._llama
         self.ptr = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if grammar is not None:
+            # First in the chain: tokens the grammar forbids are out before anything else chooses.
+            engine.take_log()
+            constrained = llama.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if not constrained:
+                self.close()
+                raise engine.failure("llama.cpp could not parse the grammar")
+            llama.llama_sampler_chain_add(self.ptr, constrained)
         if logit_bias:
             if any(not 0 <= t < model.n_vocab for t in logit_bias):
                 raise Llama3vError(f"logit_bias names a token outside the vocabulary of {model.n_vocab}")
@@ -248,6 +272,9 @@ class Sampler:
                 *(llama.llama_logit_bias(token=t, bias=b) for t, b in logit_bias.items()))
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_logit_bias(
                 model.n_vocab, len(logit_bias), biases))
+        if frequency_penalty or presence_penalty:
+            llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_penalties(
+                model.n_vocab, penalty_window, 1.0, frequency_penalty, presence_penalty))
         if temperature <= 0:
             llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_greedy())
             return

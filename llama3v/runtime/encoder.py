@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
+from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.gguf_header import read_tensor
-from llama3v.runtime import engine
+from llama3v.runtime import engine, selfcheck
 from llama3v.runtime.gguf_check import check_mmproj, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
 from llama3v.runtime.s2 import S2Head
 
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
+_verdict: dict[str, str] = {}  # the engine self-check runs once per process
 
 
 class VisionEncoder:
@@ -33,6 +37,8 @@ class VisionEncoder:
         self.path = Path(mmproj_path)
         info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS, S.S2_SCALES))
         self.n_embd = check_mmproj(info)
+        if S.FEATURE_LAYER not in info.kv:
+            warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
         self.crop_size = size = int(info.get(S.IMAGE_SIZE))  # what libmtmd encodes in one pass
         self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
         self.tokens_per_tile = self.grid ** 2
@@ -51,8 +57,6 @@ class VisionEncoder:
         # HF-faithful arrangement where the checkpoint had LLaVA-NeXT's newline vector, else libmtmd's.
         self.default_layout = "hf" if self.newline is not None else "llama.cpp"
         if S.CLASS_EMBD in info.tensors and check_engine:
-            from llama3v.runtime.selfcheck import require_fixed_engine
-
             require_fixed_engine()
         _, mtmd = engine.libs()
         self._mtmd = mtmd
@@ -112,3 +116,38 @@ class VisionEncoder:
 
     def __del__(self) -> None:
         self.close()
+
+
+def engine_verdict() -> str:
+    """Run the self-check probe (runtime/selfcheck.py) through this process's libmtmd once; FIXED, UNPATCHED or
+    UNEXPECTED."""
+    if "verdict" not in _verdict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.gguf"
+            selfcheck.write_probe(path)
+            encoder = VisionEncoder(path, n_threads=1, check_engine=False, flash_attn=False)
+            try:
+                output = encoder.encode(selfcheck.probe_pixels())
+            finally:
+                encoder.close()
+        _verdict["verdict"] = selfcheck.classify(output, *selfcheck.predictions())
+    return _verdict["verdict"]
+
+
+def require_fixed_engine() -> None:
+    """Raise unless libmtmd handles the class token correctly (skippable for measurements)."""
+    if os.environ.get(selfcheck.SKIP_ENV) == "1":
+        return
+    verdict = engine_verdict()
+    if verdict == selfcheck.UNPATCHED:
+        raise Llama3vError(selfcheck.INSTALL_HINT)
+    if verdict == selfcheck.UNEXPECTED:
+        raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + selfcheck.INSTALL_HINT)
+
+
+def _missing_feature_layer(path: Path, blocks: int) -> str:
+    """What an mmproj without clip.vision.feature_layer does in libmtmd, and the fix (docs/formats.md)."""
+    return (f"{path} has no clip.vision.feature_layer: libmtmd runs only {blocks - 1} of its {blocks} vision blocks "
+            "(llama.cpp #25817), so its image embeddings are not the checkpoint's. Files from llama.cpp's legacy "
+            f"LLaVA converter need all {blocks}: run `llama3v fix-mmproj {path}` (adds feature_layer = [{blocks}]), "
+            "or convert the checkpoint with `llama3v convert`")

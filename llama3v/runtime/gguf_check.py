@@ -18,6 +18,8 @@ from llama3v.gguf_header import GGUFInfo, read_gguf
 
 V = GGUFValueType
 VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
+MLLAMA_NOT_YET = ("a Llama-3.2-Vision (mllama) file: mllama inference needs llama3v's mllama engine patch, "
+                  "which this build does not have yet (docs/mllama.md)")
 __all__ = ["GGUFInfo", "read_gguf", "read_model", "check_llm", "check_mmproj", "check_pair"]
 
 
@@ -29,6 +31,8 @@ def read_model(path: str | Path) -> GGUFInfo:
 def check_llm(info: GGUFInfo) -> int:
     """Check a model GGUF is a llama-architecture LLM llama3v can run; return its n_embd."""
     arch = info.get("general.architecture")
+    if arch == S.MLLAMA_LLM_ARCH:
+        raise info.fail(MLLAMA_NOT_YET)
     if arch != S.LLM_ARCH:
         raise info.fail(f"architecture {arch!r} is not supported (llama3v runs 'llama' models)")
     n_embd = info.get(S.EMBEDDING_LENGTH_LLM)
@@ -67,6 +71,8 @@ def check_mmproj(info: GGUFInfo) -> int:
     """Check an mmproj GGUF holds a vision encoder libmtmd can run safely; return its output width."""
     if info.get("general.architecture") != S.CLIP_ARCH:
         raise info.fail(f"not an mmproj file (architecture {info.get('general.architecture')!r}, expected 'clip')")
+    if info.get(S.PROJECTOR_TYPE) == S.MLLAMA_PROJECTOR_TYPE:
+        raise info.fail(MLLAMA_NOT_YET)
     for key, vtype in S.MMPROJ_REQUIRED.items():
         if key not in info.kv:
             raise info.fail(f"missing key {key}")
@@ -107,11 +113,11 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
     # gelu after mm.0 anyway (docs/s2.md).
     required[mm2] = (width, info.tensors[mm2].rows if mm2 in info.tensors else -1)
     for bid in range(int(info.get(S.BLOCK_COUNT))):
-        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        for part in S.VISION_ATTN_PARTS:
             required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = (d, d)
         # Files from llama.cpp's older converter name the two FFN layers the other way round; clip.cpp swaps
         # them back by shape, so either orientation is fine.
-        up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in ("ffn_up", "ffn_down"))
+        up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in (S.FFN_UP, S.FFN_DOWN))
         swapped = down in info.tensors and tuple(info.tensors[down].dims) == (d, ff)
         required[up], required[down] = ((ff, d), (d, ff)) if swapped else ((d, ff), (ff, d))
     width = info.tensors[mm2].rows if mm2 in info.tensors else width

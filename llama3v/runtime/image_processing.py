@@ -102,13 +102,13 @@ def select_best_resolution(size: tuple[int, int], pinpoints: tuple[tuple[int, in
     return best
 
 
-def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
-    size = (image.width, image.height)
-    base = np.asarray(image.resize((spec.size, spec.size), Image.Resampling.BICUBIC))
+def anyres_fit(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int, int, int] | None:
+    """Where anyres puts an image of `size` (w, h): canvas height and width, resized width and height (centred
+    on the canvas); None when --max-tiles is below every grid (the base view alone)."""
     pinpoints = tuple(p for p in spec.grid_pinpoints
                       if spec.max_tiles is None or (p[0] // spec.size) * (p[1] // spec.size) <= spec.max_tiles)
-    if not pinpoints:  # --max-tiles below every grid: the base view alone
-        return ProcessedImage(base[None], TileLayout("anyres", (0, 0), size))
+    if not pinpoints:
+        return None
     th, tw = select_best_resolution(size, pinpoints)
     w, h = size
     scale_w, scale_h = tw / w, th / h  # HF's arithmetic, in HF's order: ceil(300 * (336 / 300)) is 337
@@ -116,12 +116,50 @@ def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
         nw, nh = tw, min(math.ceil(h * scale_w), th)
     else:
         nw, nh = min(math.ceil(w * scale_h), tw), th
+    return th, tw, nw, nh
+
+
+def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
+    size = (image.width, image.height)
+    base = np.asarray(image.resize((spec.size, spec.size), Image.Resampling.BICUBIC))
+    fit = anyres_fit(size, spec)
+    if fit is None:
+        return ProcessedImage(base[None], TileLayout("anyres", (0, 0), size))
+    th, tw, nw, nh = fit
     resized = image.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != size else image
     canvas = np.zeros((th, tw, 3), np.uint8)  # HF pads with black
     top, left = (th - nh) // 2, (tw - nw) // 2
     canvas[top:top + nh, left:left + nw] = np.asarray(resized)
     tiles = [base, *_cut(canvas, spec.size)]
     return ProcessedImage(np.stack(tiles), TileLayout("anyres", (th // spec.size, tw // spec.size), size))
+
+
+Box = tuple[float, float, float, float]  # x, y, width, height in the original image's pixels
+
+
+def tile_boxes(layout: TileLayout, spec: ImageSpec) -> tuple[Box, list[Box]]:
+    """What each tile of `layout` covers of the original image: the base (or single) view, then the
+    high-resolution tiles row by row (the order they are encoded in). Padding is clipped away."""
+    w, h = layout.image_size
+    if spec.mode == "resize" and layout.kind != "anyres":  # shortest edge to the tower size, centre crop
+        side = min(w, h)
+        base = ((w - side) / 2, (h - side) / 2, float(side), float(side))
+    else:  # squashed, or padded to a square around the whole image
+        base = (0.0, 0.0, float(w), float(h))
+    rows, cols = layout.grid
+    if layout.kind == "slices":
+        return base, [(c * w / cols, r * h / rows, w / cols, h / rows) for r in range(rows) for c in range(cols)]
+    if layout.kind != "anyres" or rows == 0:
+        return base, []
+    th, tw, nw, nh = anyres_fit((w, h), spec)
+    top, left, sx, sy, s = (th - nh) // 2, (tw - nw) // 2, w / nw, h / nh, spec.size
+    tiles = []
+    for r in range(rows):
+        for c in range(cols):
+            x0, y0 = max(c * s - left, 0) * sx, max(r * s - top, 0) * sy
+            x1, y1 = min((c + 1) * s - left, nw) * sx, min((r + 1) * s - top, nh) * sy
+            tiles.append((x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0)))
+    return base, tiles
 
 
 def slice_grid(size: tuple[int, int], tile: int, max_tiles: int) -> tuple[int, int]:

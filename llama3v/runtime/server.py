@@ -5,6 +5,8 @@ server-sent events through Starlette. The model serves one request at a time: re
 a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
 that disconnects stops its generation at the next token, freeing the model. Loopback by default;
 optional API key; local media only under the allowed roots; remote URLs only if enabled.
+Besides /v1/chat/completions it answers the legacy /v1/completions (text_completions.py) and serves
+the chat page at / (page.py).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request)
@@ -21,6 +23,8 @@ from pathlib import Path
 
 from llama3v.errors import Llama3vError
 from llama3v.runtime import openai_api as oa
+from llama3v.runtime import text_completions as tc
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
 from llama3v.runtime.session import Session
 
 log = logging.getLogger("llama3v.server")
@@ -37,17 +41,19 @@ class ServerConfig:
     max_queue: int = 16
     request_timeout_s: float = 600.0
     body_timeout_s: float = 30.0  # a client that trickles its body this long is dropped (slow-client attacks)
-    default_max_tokens: int = 512
+    default_max_tokens: int = CONVERSATION_MAX_TOKENS
 
 
 @dataclass
 class _Job:
     messages: list[dict]
     options: dict
-    push: Callable[[tuple], None]  # delivers ("piece", text) / ("done", Result) / ("error", status, text)
+    # delivers ("piece", text, token logprobs) / ("done", Result) / ("error", status, text)
+    push: Callable[[tuple], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     temp_files: list[Path] = field(default_factory=list)
     queued: float = field(default_factory=time.monotonic)
+    prompt: str | None = None  # /v1/completions: raw text to continue instead of messages
 
 
 class Worker:
@@ -91,7 +97,11 @@ class Worker:
     def _serve(self, job: _Job) -> None:
         deadline = job.queued + self.config.request_timeout_s
         try:
-            gen = self.session.chat(job.messages, **job.options)
+            if job.prompt is None:
+                gen = self.session.chat(job.messages, **job.options)
+            else:
+                gen = self.session.complete(job.prompt, **job.options)
+            sent = 0
             for piece in gen:
                 if job.cancel.is_set() or time.monotonic() > deadline:
                     gen.close()
@@ -100,7 +110,8 @@ class Worker:
                     if timed_out:
                         job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
                     return
-                job.push(("piece", piece))
+                job.push(("piece", piece, gen.logprobs[sent:]))
+                sent = len(gen.logprobs)
             self.stats["served"] += 1
             job.push(("done", gen.result))
         except oa.RequestError as e:
@@ -120,8 +131,10 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import StreamingResponse
+        from starlette.exceptions import HTTPException
     except ImportError as e:
         raise Llama3vError("the server needs FastAPI and uvicorn: pip install 'llama3v[server]'") from e
+    from llama3v.runtime import page  # the chat page at / (imports FastAPI too)
 
     worker = Worker(session, config)
     app = FastAPI(title="llama3v", version="1", docs_url=None, redoc_url=None)
@@ -130,7 +143,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001, ANN202 - FastAPI's signature
         started = time.perf_counter()
-        if config.api_key and request.url.path != "/health":
+        if config.api_key and not page.public(request.url.path):
             if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
                 return _error(401, "missing or wrong API key", "authentication_error")
         length = request.headers.get("content-length")
@@ -145,6 +158,11 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
     async def refused(_request: Request, exc: oa.RequestError):  # noqa: ANN202
         return _error(exc.status, str(exc))
 
+    @app.exception_handler(HTTPException)  # unknown routes and methods: OpenAI's error object, not FastAPI's
+    async def routing(request: Request, exc: HTTPException):  # noqa: ANN202
+        what = {404: "unknown route", 405: "method not allowed"}.get(exc.status_code, exc.detail)
+        return _error(exc.status_code, f"{what}: {request.method} {request.url.path}")
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "busy": worker.busy, "queued": worker.jobs.qsize(), **worker.stats}
@@ -156,20 +174,8 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
-        try:
-            body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), config.body_timeout_s)
-        except TimeoutError:
-            raise oa.RequestError(f"request body not received within {config.body_timeout_s:.0f} s", 408) from None
-        try:
-            payload = json.loads(body)
-        except ValueError as e:
-            raise oa.RequestError(f"request body is not JSON: {e}") from e
-        if not isinstance(payload, dict):
-            raise oa.RequestError("request body must be a JSON object")
-        options = oa.sampling(payload, config.default_max_tokens)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = _Job(messages=[], options=options, push=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        payload = await read_json(request, config)
+        job = _Job(messages=[], options=oa.sampling(payload, config.default_max_tokens))
         try:
             job.messages = await asyncio.to_thread(oa.session_messages, payload.get("messages"), config.media,
                                                    job.temp_files)
@@ -177,15 +183,45 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
             for path in job.temp_files:
                 path.unlink(missing_ok=True)
             raise
+        return await answer(request, payload, job, oa.ChatFormat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):  # noqa: ANN202 - JSON or an event stream
+        payload = await read_json(request, config)
+        job = _Job(messages=[], options=oa.sampling(payload, config.default_max_tokens),
+                   prompt=tc.prompt_text(payload))
+        return await answer(request, payload, job, tc.TextFormat)
+
+    async def answer(request: Request, payload: dict, job: _Job, fmt: oa.ResponseFormat):  # noqa: ANN202
+        """Queue the job; stream its events or wait for the whole answer, written in `fmt`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.push = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
         worker.submit(job)
-        request_id = oa.new_id()
+        request_id = oa.new_id(fmt.id_prefix)
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(events, job, request_id, config.model_name, include_usage),
+            return StreamingResponse(_sse(events, job, request_id, config.model_name, include_usage, fmt),
                                      media_type="text/event-stream")
-        return await _collect(request, events, job, request_id, config.model_name)
+        return await _collect(request, events, job, request_id, config.model_name, fmt)
 
+    app.include_router(page.router(session, config, read_json))
     return app
+
+
+async def read_json(request, config: ServerConfig) -> dict:  # noqa: ANN001 - a Starlette Request
+    """The request body as a JSON object, within the body size and time limits."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), config.body_timeout_s)
+    except TimeoutError:
+        raise oa.RequestError(f"request body not received within {config.body_timeout_s:.0f} s", 408) from None
+    try:
+        payload = json.loads(body)
+    except ValueError as e:
+        raise oa.RequestError(f"request body is not JSON: {e}") from e
+    if not isinstance(payload, dict):
+        raise oa.RequestError("request body must be a JSON object")
+    return payload
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error"):  # noqa: ANN202 - a JSONResponse
@@ -205,7 +241,8 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
     return b"".join(chunks)
 
 
-async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str):  # noqa: ANN001, ANN202
+async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str,  # noqa: ANN001, ANN202
+                   fmt: oa.ResponseFormat):
     """Wait for a non-streamed answer, cancelling the job if the client goes away."""
     try:
         while True:
@@ -216,7 +253,7 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
                     return _error(499, "client disconnected")
                 continue
             if event[0] == "done":
-                return oa.completion(event[1], model, request_id)
+                return fmt.whole(event[1], model, request_id)
             if event[0] == "error":
                 return _error(event[1], event[2])
     finally:
@@ -224,17 +261,17 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
 
 
 async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a role chunk, text chunks, a final chunk, [DONE]; cancelled on disconnect."""
+               include_usage: bool, fmt: oa.ResponseFormat) -> AsyncIterator[str]:
+    """Server-sent events: an opening chunk (chat), text chunks, a final chunk, [DONE]; cancelled on disconnect."""
     try:
-        yield _event(oa.chunk(request_id, model, {"role": "assistant", "content": ""}))
+        if (opening := fmt.opening(request_id, model)) is not None:
+            yield _event(opening)
         while True:
             event = await events.get()
             if event[0] == "piece":
-                yield _event(oa.chunk(request_id, model, {"content": event[1]}))
+                yield _event(fmt.piece(request_id, model, event[1], event[2]))
             elif event[0] == "done":
-                result = event[1]
-                yield _event(oa.chunk(request_id, model, {}, result.finish_reason, result if include_usage else None))
+                yield _event(fmt.closing(request_id, model, event[1], include_usage))
                 break
             else:
                 yield _event({"error": {"message": event[2], "code": event[1]}})

@@ -11,29 +11,31 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from llama3v.chat_formats import FORMATS, resolve
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress
 from llama3v.runtime.context import Context, Sampler, TextModel
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.gguf_check import check_pair, read_gguf, read_model
+from llama3v.runtime.logprobs import TokenLogprob, token_logprob
 from llama3v.runtime.media import (
     EncodeCache,
+    MediaInfo,
     Part,
-    Progress,
     Rows,
     describe,
     image_parts,
     sample_video,
     video_parts,
 )
+from llama3v.runtime.options import SAMPLING, SessionOptions
 from llama3v.runtime.prompt import Message, message_from_openai, render
-from llama3v.runtime.video import Sampling
-from llama3v.runtime.video_budget import DEFAULT_MEASURE, default_budget
+from llama3v.runtime.video_budget import default_budget
 
 
 @dataclass
@@ -47,8 +49,9 @@ class Result:
     timings: dict[str, float]
     n_reused: int = 0
     n_encodes: int = 0
-    media: list[dict] = field(default_factory=list)
-    chat_template: str = ""
+    media: list[MediaInfo] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    chat_template: str = ""  # which prompt format built the prompt (Session.template_name)
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -59,8 +62,9 @@ class Result:
         """The `llama3v run --json` object."""
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "n_prompt_tokens": self.n_prompt_tokens, "finish_reason": self.finish_reason,
-                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes, "media": self.media,
-                "chat_template": self.chat_template, "timings": self.timings,
+                "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes,
+                "media": [m.to_json() for m in self.media], "chat_template": self.chat_template,
+                "timings": self.timings,
                 "decode_tokens_per_s": self.timings.get("decode_tokens_per_s", 0.0)}
 
 
@@ -69,6 +73,7 @@ class Generation:
 
     def __init__(self, run: Callable[[Generation], Iterator[str]]):
         self.result: Result | None = None
+        self.logprobs: list[TokenLogprob] = []  # grows token by token while streaming, when asked for
         self._pieces = run(self)
 
     def __iter__(self) -> Iterator[str]:
@@ -105,67 +110,48 @@ class _Prompt:
 class Session:
     """A loaded model and mmproj; `generate` and `chat` stream text and keep the KV cache between calls."""
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        mmproj_path: str | Path | None = None,
-        n_ctx: int = 4096,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        n_batch: int = 512,
-        kv_type: str = "f16",
-        flash_attn: bool | None = None,
-        encode_cache_bytes: int = 256 << 20,
-        max_tiles: int | None = None,
-        image_layout: str | None = None,
-        max_video_tokens: int | None = None,
-        video_sampling: Sampling | None = None,
-        progress: Progress | None = None,
-        chat_template: str | None = None,
-    ):
+    def __init__(self, model_path: str | Path, mmproj_path: str | Path | None = None,
+                 options: SessionOptions | None = None, progress: Progress | None = None, **overrides: object):
+        """Load the model (and mmproj) with `options`, or SessionOptions' defaults changed by keyword (n_ctx=2048).
+
+        `progress` is called as (what, done, total) while decoding and encoding."""
+        self.options = replace(options or SessionOptions(), **overrides)
+        o = self.options
         model_info = read_model(model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
-        self.model = TextModel(model_path, n_gpu_layers=n_gpu_layers, info=model_info)
-        self.ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
-                           flash_attn=flash_attn)
-        self._setup(mmproj_path, n_threads, n_gpu_layers != 0, flash_attn, encode_cache_bytes, max_tiles, image_layout,
-                    chat_template)
-        self.max_video_tokens, self.progress = max_video_tokens, progress
-        self.video_sampling = video_sampling or Sampling()
+        self.model = TextModel(model_path, n_gpu_layers=o.n_gpu_layers, info=model_info)
+        self.ctx = Context(self.model, n_ctx=o.n_ctx, n_batch=o.n_batch, n_threads=o.n_threads, kv_type=o.kv_type,
+                           flash_attn=o.flash_attn)
+        self._setup(mmproj_path, o.n_threads, o.n_gpu_layers != 0, progress)
 
     @classmethod
-    def from_llama(cls, llama: object, mmproj_path: str | Path | None = None, n_threads: int | None = None,
-                   use_gpu: bool = True, flash_attn: bool | None = None, encode_cache_bytes: int = 256 << 20,
-                   max_tiles: int | None = None, image_layout: str | None = None,
-                   chat_template: str | None = None) -> Session:
-        """A session over a `llama_cpp.Llama`'s own model and context, without loading the model again."""
+    def from_llama(cls, llama: object, mmproj_path: str | Path | None = None, options: SessionOptions | None = None,
+                   use_gpu: bool = True, **overrides: object) -> Session:
+        """A session over a `llama_cpp.Llama`'s own model and context, without loading the model again.
+
+        The context, batch and thread count are the Llama's unless `options` sets n_threads."""
         self = cls.__new__(cls)
         model_info = read_model(llama.model_path)
         if mmproj_path is not None:
             check_pair(model_info, read_gguf(mmproj_path))
         self.model = TextModel(llama.model_path, info=model_info, borrow=llama._model.model)
-        self.ctx = Context(self.model, n_batch=llama.n_batch, borrow=llama._ctx.ctx)
-        self._setup(mmproj_path, n_threads or llama.n_threads, use_gpu, flash_attn, encode_cache_bytes, max_tiles,
-                    image_layout, chat_template)
+        self.ctx = Context(self.model, n_ctx=llama.n_ctx(), n_batch=llama.n_batch, borrow=llama._ctx.ctx)
+        opts = replace(options or SessionOptions(), **overrides)
+        self.options = replace(opts, n_ctx=self.ctx.n_ctx, n_batch=llama.n_batch,
+                               n_threads=opts.n_threads or llama.n_threads)
+        self._setup(mmproj_path, self.options.n_threads, use_gpu, None)
         return self
 
-    def _setup(self, mmproj_path: str | Path | None, n_threads: int | None, use_gpu: bool, flash_attn: bool | None,
-               encode_cache_bytes: int, max_tiles: int | None, image_layout: str | None,
-               chat_template: str | None) -> None:
+    def _setup(self, mmproj_path: str | Path | None, n_threads: int | None, use_gpu: bool,
+               progress: Progress | None) -> None:
         self.encoder = None
         if mmproj_path is not None:
             self.encoder = VisionEncoder(mmproj_path, text_model=self.model.ptr, n_threads=n_threads, use_gpu=use_gpu,
-                                         flash_attn=flash_attn)
-        self.cache = EncodeCache(encode_cache_bytes)
-        # Media options (docs/high-resolution.md, docs/video.md); each may be changed between calls.
-        self.max_tiles = max_tiles
-        self.image_layout = image_layout
-        self.max_video_tokens: int | None = None  # None: what the context leaves after the rest and the answer
-        self.video_sampling = Sampling()
-        self.video_measure = DEFAULT_MEASURE
-        self.progress: Progress | None = None  # called as (what, done, total) while decoding and encoding
-        self.template_name, self.template = self._chat_template(chat_template)
+                                         flash_attn=self.options.flash_attn)
+        self.cache = EncodeCache(self.options.encode_cache_bytes)
+        self.progress = progress
+        self.template_name, self.template = self._chat_template(self.options.chat_template)
         self._held: list = []  # identities of the positions in the KV cache, in order
 
     def _chat_template(self, override: str | None) -> tuple[str, str]:
@@ -193,29 +179,55 @@ class Session:
     def chat(self, messages: list[dict], **sampling: object) -> Generation:
         """Continue a conversation given as OpenAI-style messages (text, image and video parts).
 
-        Sampling: max_tokens=256, temperature=0.8 (0: greedy), top_k=40, top_p=0.95, seed=None,
-        stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
-        all_logits=False (keep prompt logits, for tests).
+        Sampling (defaults: runtime/options.py, SAMPLING): max_tokens, temperature (0: greedy), top_k, top_p,
+        seed=None, stop=None (strings that end the answer), logit_bias=None ({token id: bias}, -100 bans a token),
+        all_logits=False (keep prompt logits, for tests), logprobs=None (k: record each token's
+        log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
+        rule `root`, that constrains the answer), frequency_penalty=0 and presence_penalty=0 (OpenAI's, over
+        the generated tokens), require_room=False (refuse a prompt that leaves the context less than
+        max_tokens, instead of stopping where the context ends).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
-    def _run(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-             top_p: float = 0.95, seed: int | None = None, stop: list[str] | None = None,
-             logit_bias: dict[int, float] | None = None, all_logits: bool = False) -> Generation:
-        prompt, media_info = self._prepare(messages, max_tokens)
-        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias)
-        return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
-                                                   all_logits))
+    def complete(self, text: str, **sampling: object) -> Generation:
+        """Continue raw text: BOS then `text` tokenized as is (no chat template, no media); sampling as in `chat`."""
+        prompt = _Prompt([self.model.tokenize(self.model.bos_text + text)])
+        n = len(prompt.identities())
+        if not self.ctx.fits(n + 1):  # the prompt and the answer's first token
+            raise Llama3vError(f"the prompt needs {n} positions but the context holds {self.ctx.n_ctx}: raise --n-ctx "
+                               "or shorten the prompt")
+        return self._start(prompt, [], **sampling)
 
-    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[dict]]:
+    def _run(self, messages: list[Message], max_tokens: int = SAMPLING.max_tokens, **sampling: object) -> Generation:
+        prompt, media_info = self._prepare(messages, max_tokens)
+        return self._start(prompt, media_info, max_tokens, **sampling)
+
+    def _start(self, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int = SAMPLING.max_tokens,
+               temperature: float = SAMPLING.temperature, top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p,
+               seed: int | None = None, stop: list[str] | None = None, logit_bias: dict[int, float] | None = None,
+               all_logits: bool = False, logprobs: int | None = None,
+               grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               require_room: bool = False) -> Generation:
+        n = len(prompt.identities())
+        if require_room and not self.ctx.fits(n + max_tokens):
+            raise Llama3vError(f"max_tokens {max_tokens} does not fit: the context holds {self.ctx.n_ctx} positions "
+                               f"and the prompt takes {n}, so at most {self.ctx.n_ctx - n} can be generated "
+                               "(lower max_tokens or raise --n-ctx)")
+        sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar, frequency_penalty,
+                          presence_penalty, self.ctx.n_ctx)
+        return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
+                                                   all_logits, logprobs))
+
+    def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
         pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text)
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
-        images = {i: image_parts(src, i, self.encoder, self.cache, self.max_tiles, self.image_layout, self.progress)
+        o = self.options
+        images = {i: image_parts(src, i, self.encoder, self.cache, o.max_tiles, o.image_layout, self.progress)
                   for i, (kind, src) in enumerate(media) if kind == "image"}
-        videos = {i: sample_video(src, i, self.encoder, self.video_sampling, self.progress)
+        videos = {i: sample_video(src, i, self.encoder, o.video_sampling, self.progress)
                   for i, (kind, src) in enumerate(media) if kind == "video"}
-        budget = self.max_video_tokens
+        budget = o.max_video_tokens
         if videos and budget is None:
             # The context left after everything that is not a video row, the answer's room included.
             fixed = sum(len(self.model.tokenize_prompt(p)) for p in pieces if isinstance(p, str))
@@ -224,7 +236,7 @@ class Session:
             fixed += sum(len(self.model.tokenize(t)) for v in videos.values() for t in v.timestamp_texts)
             budget = default_budget(self.ctx.n_ctx, fixed, answer_tokens, len(videos))
         expanded = [images[i] if i in images else
-                    video_parts(videos[i], self.encoder, self.cache, budget, self.video_measure, self.progress)
+                    video_parts(videos[i], self.encoder, self.cache, budget, o.video_measure, self.progress)
                     for i in range(len(media))]
         runs: list[list[int] | Rows] = []
         for piece in pieces:
@@ -239,16 +251,16 @@ class Session:
         prompt = _Prompt(runs)
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
-        if n >= self.ctx.n_ctx:
-            tiled = any(p.meta.get("n_tiles", 1) > 1 for p in runs if isinstance(p, Rows))
+        if not self.ctx.fits(n + 1):  # the prompt and the answer's first token
+            tiled = any((p.info.n_tiles or 1) > 1 for p in runs if isinstance(p, Rows))
             knobs = ["raise --n-ctx"] + (["lower --max-tiles"] if tiled else []) + \
                 (["lower --max-video-tokens"] if videos else []) + ["give fewer or smaller media"]
             raise Llama3vError(f"the prompt needs {n} positions ({n_media} for media) but the context holds "
                                f"{self.ctx.n_ctx}: {', '.join(knobs)}")
         return prompt, [describe(parts) for parts in expanded]
 
-    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[dict], max_tokens: int, sampler: Sampler,
-                stop: list[str], all_logits: bool) -> Iterator[str]:
+    def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
+                stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
             t0 = time.perf_counter()
@@ -259,12 +271,14 @@ class Session:
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             text, emitted, finish = "", 0, "length"
             holdback = max((len(s) for s in stop), default=1) - 1  # a stop string may be forming
-            while len(tokens) < max_tokens and self.ctx.n_past < self.ctx.n_ctx:
+            while len(tokens) < max_tokens and self.ctx.fits(self.ctx.n_past + 1):
                 tok = sampler.sample(self.ctx)
                 if self.model.is_end_of_generation(tok):
                     finish = "stop"
                     break
                 tokens.append(tok)
+                if logprobs is not None:
+                    gen.logprobs.append(token_logprob(self.ctx.last_logits(), tok, logprobs, self.model.piece))
                 text += decoder.decode(self.model.piece(tok))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
@@ -283,10 +297,10 @@ class Session:
             decode_s = time.perf_counter() - t2
             timings = {"encode_ms": (t1 - t0) * 1e3, "prompt_ms": (t2 - t1) * 1e3, "decode_ms": decode_s * 1e3,
                        "decode_tokens_per_s": len(tokens) / decode_s if decode_s > 0 and tokens else 0.0}
-            for info in media_info:
-                info["encode_ms"] = sum(info.get("tile_encode_ms", []))
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
-                                timings=timings, n_reused=keep, media=media_info, chat_template=self.template_name,
+                                timings=timings, n_reused=keep, media=media_info,
+                                logprobs=list(gen.logprobs) if logprobs is not None else None,
+                                chat_template=self.template_name,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()
@@ -321,7 +335,7 @@ class Session:
         media = [("image", s) for s in images] + [("video", s) for s in videos]
         messages = ([Message("system", system)] if system else []) + [Message("user", prompt, media)]
         prepared, _ = self._prepare(messages, len(continuation))
-        if len(prepared.identities()) + len(continuation) >= self.ctx.n_ctx:
+        if not self.ctx.fits(len(prepared.identities()) + len(continuation)):
             raise Llama3vError(f"prompt and continuation do not fit the context of {self.ctx.n_ctx}")
         _, _, last = self._load(prepared, all_logits=False)
         if not continuation:

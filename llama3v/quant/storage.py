@@ -15,20 +15,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from llama3v import gguf_schema as S
-from llama3v import quant_types
-from llama3v.converters import ggml_quants
 from llama3v.errors import Llama3vError
+from llama3v.quant import ggml_quants
+from llama3v.quant.types import MMPROJ_TYPES
 
 if TYPE_CHECKING:
-    from llama3v.converters.writer import TensorPlan
+    from llama3v.gguf_writer import TensorPlan
 
 Q = GGMLQuantizationType
 F = LlamaFileType
-# The offered names and why (llama3v/quant_types.py), with their GGML types.
-MMPROJ_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.MMPROJ_TYPES}
-# The LLM types the converter writes itself; every other LLM type comes from llama.cpp's quantizer
-# (llama3v.runtime.llm_quantize), whose per-tensor mixes (q4_k_m etc.) beat one type for all.
-LLM_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.CONVERT_LLM_TYPES}
 # general.file_type numbers the whole file's type differently from the tensor types; a file of
 # one k-quant is what llama.cpp calls the _S variant (Q6_K has only one).
 _FILE_TYPES = {
@@ -39,9 +34,10 @@ _FILE_TYPES = {
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
 # gguf-py only decodes these; llama.cpp's C quantizer encodes them.
 _K_QUANTS = (Q.Q6_K, Q.Q5_K, Q.Q4_K)
-# Small tensors that every output keeps in f16 or better: position and patch embeddings feed
+# Small tensors that every output keeps in f16 or better: position, tile and patch embeddings feed
 # every token, so their rounding error is not averaged away.
-_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD)
+_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD,
+                    S.MLLAMA_TILE_POSITION_EMBD, S.MLLAMA_PRE_TILE_EMBD, S.MLLAMA_POST_TILE_EMBD)
 
 
 def parse_outtype(name: str, choices: dict[str, GGMLQuantizationType] = MMPROJ_TYPES) -> GGMLQuantizationType:

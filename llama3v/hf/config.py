@@ -32,7 +32,7 @@ KNOWN_VISION_TOWERS: dict[str, dict] = {
 }
 
 # Activations libmtmd can run in the vision tower, by HF name -> (use_gelu, use_silu).
-# ggml's gelu is the tanh approximation; HF's "gelu" is erf-exact (DESIGN.md, fidelity).
+# ggml's gelu is the tanh approximation; HF's "gelu" is erf-exact (docs/fidelity.md).
 VISION_ACTIVATIONS = {
     "quick_gelu": (False, False),
     "gelu": (True, False),
