@@ -59,8 +59,8 @@ def scale_crops(image: np.ndarray, scales: tuple[int, ...]) -> list[list[np.ndar
             resized = image
         else:
             m = bicubic_matrix(size, s)
-            x = np.einsum("oh,hwc->owc", m, image.astype(np.float64))
-            resized = np.clip(np.rint(np.einsum("pw,owc->opc", m, x)), 0, 255).astype(np.uint8)
+            x = m @ image.astype(np.float64).transpose(2, 0, 1) @ m.T  # per channel, rows then columns
+            resized = np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0)
         n = s // crop
         out.append([np.ascontiguousarray(resized[i * crop:(i + 1) * crop, j * crop:(j + 1) * crop])
                     for i in range(n) for j in range(n)])
@@ -98,10 +98,10 @@ class S2Head:
             c = feats.shape[-1]
             merged = feats.reshape(n, n, grid, grid, c).transpose(0, 2, 1, 3, 4).reshape(n * grid, n * grid, c)
             maps.append(merged.reshape(grid, n, grid, n, c).mean(axis=(1, 3), dtype=np.float64))  # area pooling
-        x = np.concatenate(maps, axis=-1).reshape(grid * grid, -1)
-        h = x @ self.w0.T.astype(np.float64) + self.b0
-        h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
-        return (h @ self.w2.T.astype(np.float64) + self.b2).astype(np.float32)
+        x = np.concatenate(maps, axis=-1).reshape(grid * grid, -1).astype(np.float32)
+        h = x @ self.w0.T + self.b0  # float32 products, as the reference's
+        h = (0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))).astype(np.float32)
+        return h @ self.w2.T + self.b2
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
