@@ -30,4 +30,4 @@ clean:
 	rm -rf $(VENV) .lint-venv .pytest_cache
 
 fuzz: setup
-	$(BIN)/python tests/fuzz_harness.py --cases 5000
+	$(BIN)/python tests/fuzz_harness.py --cases 5000 --kinds gguf-model,gguf-mmproj,image,video,values

@@ -49,6 +49,7 @@ MMPROJ_OPTIONAL: dict[str, GGUFValueType] = {
     GRID_PINPOINTS: GGUFValueType.ARRAY,
     PATCH_MERGE_TYPE: GGUFValueType.STRING,
 }
+MAX_BLOCKS_VISION = 512  # far above any real tower; bounds the tensor checks of a crafted block_count
 # The only projector graph llama3v produces; libmtmd calls the LLaVA MLP projector "mlp".
 PROJECTOR_MLP = "mlp"
 
@@ -83,6 +84,25 @@ OUTPUT_NORM = "output_norm.weight"
 ROPE_FREQS = "rope_freqs.weight"
 LLM_BLOCK = "blk.{bid}.{part}.weight"  # attn_norm attn_q attn_k attn_v attn_output ffn_norm ffn_gate ffn_up ffn_down
 EMBEDDING_LENGTH_LLM = "llama.embedding_length"
+# llama.cpp reads these hyperparameters of a llama model; some of its checks of them are asserts that abort.
+CONTEXT_LENGTH_LLM = "llama.context_length"
+BLOCK_COUNT_LLM = "llama.block_count"
+FEED_FORWARD_LENGTH_LLM = "llama.feed_forward_length"
+HEAD_COUNT_LLM = "llama.attention.head_count"
+HEAD_COUNT_KV_LLM = "llama.attention.head_count_kv"
+KEY_LENGTH_LLM = "llama.attention.key_length"
+VALUE_LENGTH_LLM = "llama.attention.value_length"
+ROPE_DIMENSION_COUNT = "llama.rope.dimension_count"
+ROPE_SCALING_TYPE = "llama.rope.scaling.type"
+# Floats that must be finite and positive (a NaN or negative epsilon aborts or hangs llama.cpp), with their bounds.
+POSITIVE_FLOATS_LLM = {"llama.attention.layer_norm_rms_epsilon": 1.0, "llama.rope.freq_base": 1e12,
+                       "llama.rope.scaling.factor": 1e6}
+# Mixture-of-experts and multi-token-prediction keys: llama3v runs dense llama models, which have neither.
+ABSENT_FEATURES_LLM = ("llama.expert_count", "llama.expert_used_count", "llama.expert_group_count",
+                       "llama.expert_group_used_count", "llama.nextn_predict_layers")
+# The names llama.cpp knows (LLAMA_ROPE_SCALING_TYPES in llama-model.cpp); any other aborts the process.
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+MAX_LAYERS_LLM = 512  # llama.cpp's LLAMA_MAX_LAYERS: more aborts the process
 CHAT_TEMPLATE = "tokenizer.chat_template"
 CHAT_FORMAT = "llama3v.chat.format"  # which format the template is: a name (chat_formats.py) or its source
 TOKENIZER_MODEL = "tokenizer.ggml.model"

@@ -173,7 +173,8 @@ def test_oversized_body_missing_key_and_bad_json(server):
     big = {"messages": [{"role": "user", "content": "x" * (3 << 20)}]}
     assert httpx.post(f"{server}/v1/chat/completions", json=big, headers=auth).status_code == 413
     assert httpx.post(f"{server}/v1/chat/completions", json={"messages": []}).status_code == 401
-    assert httpx.post(f"{server}/v1/chat/completions", content=b"{nope", headers=auth).status_code == 400
+    as_json = {**auth, "Content-Type": "application/json"}
+    assert httpx.post(f"{server}/v1/chat/completions", content=b"{nope", headers=as_json).status_code == 400
     assert httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, headers=auth).status_code == 400
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 

@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queueing included (600)")
     p.add_argument("--body-timeout", type=float, default=env("LLAMA3V_BODY_TIMEOUT", "30"),
                    help="seconds a client may take to send its request body (30)")
+    p.add_argument("--header-timeout", type=float, default=float(env("LLAMA3V_HEADER_TIMEOUT", "10")),
+                   help="seconds a client may take to send its request line and headers (10)")
+    p.add_argument("--max-pending-mb", type=int, default=int(env("LLAMA3V_MAX_PENDING_MB", "256")),
+                   help="MiB of request bodies that may wait for the model together before 503 (256)")
+    p.add_argument("--allowed-host", action="append", default=[h for h in env("LLAMA3V_ALLOWED_HOSTS", "").split(",")
+                                                                 if h],
+                   help="a Host name the server answers to besides IP addresses, localhost and --host "
+                   "(repeatable; '*' for any; LLAMA3V_ALLOWED_HOSTS, comma-separated)")
+    p.add_argument("--fetch-timeout", type=float, default=float(env("LLAMA3V_FETCH_TIMEOUT", "20")),
+                   help="seconds one --allow-remote fetch may take in all (20)")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
     _add_runtime(p)
 
@@ -245,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llama3v: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused (a read-only or full destination): the user's to fix
+        if args.verbose:
+            traceback.print_exc()
+        print(f"llama3v: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug: still one line unless asked for the traceback
         if args.verbose:
             traceback.print_exc()
@@ -343,9 +358,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model_name=args.model_name or args.model.stem, api_key=args.api_key,
         media=MediaPolicy(roots=tuple(args.allowed_root), allow_remote=args.allow_remote,
-                          max_bytes=args.max_body_mb << 20),
+                          max_bytes=args.max_body_mb << 20, timeout_s=args.fetch_timeout),
         max_body_bytes=args.max_body_mb << 20, max_queue=args.max_queue, request_timeout_s=args.timeout,
-        body_timeout_s=args.body_timeout)
+        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        max_pending_bytes=args.max_pending_mb << 20, allowed_hosts=tuple(args.allowed_host))
     with _session(args) as session:
         serve(session, config, args.host, args.port, "debug" if args.verbose else "warning" if args.quiet else "info")
     return 0

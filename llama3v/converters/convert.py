@@ -1,11 +1,20 @@
 """Convert a Hugging Face checkpoint (LLaVA-style or mllama; a directory or a Hub id) into `model-<type>.gguf`
-and `mmproj-<type>.gguf`."""
+and `mmproj-<type>.gguf`.
+
+All or nothing: both files are written into a hidden staging folder inside the destination
+(`.llama3v-convert.PID.partial`) and renamed into place together only when both are complete, so an
+interrupted, killed or failed conversion leaves neither file. A staging folder left by a killed
+conversion (its process gone) is deleted by the next conversion to that destination.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from llama3v.atomic import alive, remove_stale_partials
 from llama3v.chat_formats import resolve
 from llama3v.converters import llm as llava_llm
 from llama3v.converters import mllama_gguf
@@ -19,6 +28,8 @@ from llama3v.hf.mllama_key_formats import is_mllama, load_mllama
 from llama3v.progress import Progress
 from llama3v.quant.storage import parse_outtype
 from llama3v.quant.types import CONVERT_LLM_TYPES, MMPROJ_TYPES
+
+STAGING = ".llama3v-convert.{pid}.partial"
 
 
 def output_paths(outdir: Path, model_outtype: str, mmproj_outtype: str) -> tuple[Path, Path]:
@@ -60,7 +71,7 @@ def convert(
         # Named after the directory or the id's last part, so a Hub snapshot (named by commit) converts alike.
         ckpt = load_llava(root, tower, name=Path(src).name)
         mm, llm = llava_mmproj, llava_llm
-    # Plan both files before writing either, so a missing tensor leaves nothing behind.
+    # Plan both files before writing either, so a missing tensor fails before any work.
     mmproj_plans = mm.mmproj_plan(ckpt, mmproj_type)
     llm_plans = llm.llm_plan(ckpt, model_type)
     if mm is mllama_gguf:
@@ -70,7 +81,40 @@ def convert(
     else:
         vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size, choose_chat_format(ckpt, chat_template))
 
-    outdir.mkdir(parents=True, exist_ok=True)
-    mm.write_mmproj(ckpt, mmproj_path, mmproj_type, mmproj_plans, progress)
-    llm.write_llm(ckpt, model_path, model_type, llm_plans, vocab, progress)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(outdir)
+        for path in (model_path, mmproj_path):  # left by versions that wrote beside the destination
+            remove_stale_partials(path)
+        staging = outdir / STAGING.format(pid=os.getpid())
+        staging.mkdir()
+    except OSError as e:
+        raise Llama3vError(f"{outdir}: cannot write the output there ({e.strerror})") from None
+    try:
+        mm.write_mmproj(ckpt, staging / mmproj_path.name, mmproj_type, mmproj_plans, progress)
+        llm.write_llm(ckpt, staging / model_path.name, model_type, llm_plans, vocab, progress)
+        _publish(staging, model_path, mmproj_path)
+    except OSError as e:
+        raise Llama3vError(f"{outdir}: writing the output failed ({e.strerror})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model_path, mmproj_path
+
+
+def _publish(staging: Path, first: Path, second: Path) -> None:
+    """Rename both files from the staging folder into place; if the second rename fails, take back the first.
+    Two renames in one folder: only a kill in the microseconds between them can leave one file."""
+    os.replace(staging / first.name, first)
+    try:
+        os.replace(staging / second.name, second)
+    except BaseException:
+        first.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_staging(outdir: Path) -> None:
+    """Delete staging folders that killed conversions (kill -9, power loss) left in `outdir`."""
+    for old in outdir.glob(STAGING.format(pid="*")):
+        pid = old.name.split(".")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)

@@ -31,6 +31,7 @@ from llama3v.hf.config import (
     TextConfig,
     VisionConfig,
     feature_layer_from,
+    mapping,
     pinpoints_from,
     s2_scales_from,
     select_strategy_from,
@@ -136,8 +137,25 @@ def load_llava(src: str | Path, vision_tower: str | Path | None = None, name: st
         config = _original_config(main, tower, sources)
     if config.patch_merge == "spatial_unpad" and "image_newline" not in sources:
         raise Llama3vError(f"{main.root}: a LLaVA-NeXT checkpoint without its image_newline tensor")
+    _check_layer_counts(main.root, config, sources)
     return LlavaCheckpoint(config=config, key_format=key_format, main=main, _sources=sources,
                            name=name or main.root.name)
+
+
+def _check_layer_counts(root: Path, config: LlavaConfig, sources: dict) -> None:
+    """The config's layer counts against the layers whose tensors the checkpoint holds, before any planning:
+    a crafted count would otherwise size every later step."""
+    def layers(prefix: str) -> int:
+        found = {int(m.group(1)) for name in sources if (m := re.match(prefix + r"(\d+)\.", name))}
+        return max(found) + 1 if found else 0
+
+    n_text, n_vision = layers(r"text\.layers\."), layers(r"vision\.encoder\.layers\.")
+    if config.text.num_hidden_layers != n_text:
+        raise Llama3vError(f"{root}: the config says num_hidden_layers {config.text.num_hidden_layers} but the "
+                           f"checkpoint holds {n_text} decoder layers")
+    if config.n_feature_blocks > n_vision:
+        raise Llama3vError(f"{root}: the feature layer needs {config.n_feature_blocks} vision layers but the "
+                           f"checkpoint holds {n_vision}")
 
 
 def _local_tower(main: Checkpoint) -> Checkpoint | None:
@@ -154,6 +172,7 @@ def _local_tower(main: Checkpoint) -> Checkpoint | None:
 def _llava_hf_config(main: Checkpoint) -> LlavaConfig:
     cfg = main.config
     vision = VisionConfig.from_dict(cfg["vision_config"])
+    mapping(cfg["text_config"], "text_config")
     # transformers 5.x keeps tie_word_embeddings on the LLaVA config, not always on text_config.
     text = TextConfig.from_dict({**cfg["text_config"], "tie_word_embeddings": bool(
         cfg.get("tie_word_embeddings") or cfg["text_config"].get("tie_word_embeddings"))})

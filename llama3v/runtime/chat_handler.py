@@ -63,7 +63,7 @@ class Llama3vChatHandler:
             options = oa.sampling(body, SAMPLING.max_tokens) | {"require_room": False}
             gen = self.session(llama).chat(converted, **options)
         except BaseException:
-            _remove(temp_files)
+            oa.remove_temp(temp_files)
             raise
         name = model or Path(getattr(llama, "model_path", "llama3v")).stem
         request_id = oa.new_id()
@@ -72,7 +72,7 @@ class Llama3vChatHandler:
         try:
             return oa.completion(gen.wait(), name, request_id)
         finally:
-            _remove(temp_files)
+            oa.remove_temp(temp_files)
 
     @staticmethod
     def _chunks(gen: object, request_id: str, model: str, temp_files: list[Path]) -> Iterator[dict]:
@@ -85,14 +85,9 @@ class Llama3vChatHandler:
             yield oa.chunk(request_id, model, {}, gen.result.finish_reason)
         finally:
             gen.close()
-            _remove(temp_files)
+            oa.remove_temp(temp_files)
 
 
 # What llama-cpp-python hands a chat handler that the OpenAI layer (openai_api.sampling) reads.
 _OPENAI_OPTIONS = ("logprobs", "top_logprobs", "response_format", "logit_bias", "frequency_penalty", "presence_penalty",
                    "tools", "functions")
-
-
-def _remove(paths: list[Path]) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)

@@ -9,16 +9,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from gguf import TokenType
 
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_model
 
-_PARSED_ONLY_AS_SPECIAL = (TokenType.CONTROL, TokenType.UNKNOWN)  # llama.cpp's tokenizer_st_partition
 _KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids for the KV cache
 _FLASH_ATTN = {None: -1, False: 0, True: 1}
+_ATTR_UNKNOWN, _ATTR_CONTROL = 1 << 0, 1 << 3  # llama_token_attr
 
 
 class TextModel:
@@ -45,8 +44,8 @@ class TextModel:
         self.n_ctx_train = self._llama.llama_model_n_ctx_train(self.ptr)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        """Token ids of `text`, special tokens parsed unless `special` is False, no BOS added (the chat template
-        writes it)."""
+        """Token ids of `text`, no BOS added (the chat template writes it). `special`: the text of a control
+        token (`<|eot_id|>`) becomes that token; only for text the chat template wrote, never for a user's."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (self._llama.llama_token * cap)()
@@ -54,38 +53,6 @@ class TextModel:
         if n < 0:
             raise Llama3vError(f"tokenization of {len(raw)} bytes failed")
         return list(buf[:n])
-
-    def tokenize_prompt(self, text: str) -> list[int]:
-        """Token ids of rendered prompt text: control tokens parsed where the template wrote them, never inside
-        the user's text (a `prompt.Text`'s `plain` ranges).
-
-        The text is cut at the template's control tokens, as llama.cpp cuts it when parsing specials, and each
-        piece tokenized plain, so ids equal llama.cpp's own wherever the user typed no control token.
-        """
-        plain = getattr(text, "plain", ())
-        if not plain:
-            return self.tokenize(text)
-        out, pos = [], 0
-        for match in self._controls.finditer(text):
-            if any(a < match.end() and match.start() < b for a, b in plain):
-                continue
-            if match.start() > pos:
-                out += self.tokenize(text[pos:match.start()], special=False)
-            out.append(self._control_ids[match.group(0)])
-            pos = match.end()
-        return out + (self.tokenize(text[pos:], special=False) if pos < len(text) else [])
-
-    @functools.cached_property
-    def _control_ids(self) -> dict[str, int]:
-        """Control (and unknown) tokens by text: what llama.cpp parses only when asked to parse specials."""
-        tokens, types = self.info.get(S.TOKENS), self.info.get(S.TOKEN_TYPES) or []
-        return {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty in _PARSED_ONLY_AS_SPECIAL}
-
-    @functools.cached_property
-    def _controls(self) -> re.Pattern:
-        # Longest first, as llama.cpp matches them; a pattern that matches nothing when there are none.
-        names = sorted(self._control_ids, key=len, reverse=True)
-        return re.compile("|".join(re.escape(n) for n in names) or r"(?!)")
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as generated text (special tokens rendered empty)."""
@@ -108,6 +75,41 @@ class TextModel:
     def bos_text(self) -> str:
         """The BOS token's text."""
         return self.token_text(self._llama.llama_vocab_bos(self.vocab))
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Token ids of rendered prompt text: control tokens parsed where the template wrote them, never inside
+        the user's text (a `prompt.Text`'s `plain` ranges).
+
+        The text is cut at the template's control tokens, as llama.cpp cuts it when parsing specials, and each
+        piece tokenized plain, so ids equal llama.cpp's own wherever the user typed no control token.
+        """
+        plain = getattr(text, "plain", ())
+        if not plain:
+            return self.tokenize(text)
+        out, pos = [], 0
+        for match in self._controls.finditer(text):
+            if any(a < match.end() and match.start() < b for a, b in plain):
+                continue
+            if match.start() > pos:
+                out += self.tokenize(text[pos:match.start()], special=False)
+            out += self.tokenize(match.group(0))
+            pos = match.end()
+        return out + (self.tokenize(text[pos:], special=False) if pos < len(text) else [])
+
+    @functools.cached_property
+    def _controls(self) -> re.Pattern:
+        # Longest first, as llama.cpp matches them; a pattern that matches nothing when there are none.
+        return re.compile("|".join(re.escape(t) for t in self.control_texts()) or r"(?!)")
+
+    def control_texts(self) -> list[str]:
+        """The texts that tokenize as control tokens only when special tokens are parsed (llama.cpp's
+        CONTROL and UNKNOWN attributes), longest first."""
+        if not hasattr(self, "_control_texts"):
+            flags = _ATTR_CONTROL | _ATTR_UNKNOWN
+            found = {self.token_text(t) for t in range(self.n_vocab)
+                     if self._llama.llama_vocab_get_attr(self.vocab, t) & flags}
+            self._control_texts = sorted((t for t in found if t), key=len, reverse=True)
+        return self._control_texts
 
     @property
     def eos_text(self) -> str:

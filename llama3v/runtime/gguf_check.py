@@ -8,6 +8,8 @@ a Llama3vError naming the file and the problem.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -15,8 +17,11 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import GGUFInfo, read_gguf
+from llama3v.runtime.image_processing import MAX_PIXELS
 
 V = GGUFValueType
+_INTS = (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64)
+_LLM_BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 VOCAB_ARRAYS = (S.TOKENS, S.TOKEN_TYPES)  # read in full; the merges are only checked to be there
 MLLAMA_NOT_YET = ("a Llama-3.2-Vision (mllama) file: mllama inference needs llama3v's mllama engine patch, "
                   "which this build does not have yet (docs/mllama.md)")
@@ -42,7 +47,66 @@ def check_llm(info: GGUFInfo) -> int:
     if embd is None or embd.dims[0] != n_embd:
         raise info.fail(f"{S.TOKEN_EMBD} missing or not {n_embd} wide")
     _check_vocab(info, embd.rows)
+    _check_llm_values(info, int(n_embd), embd.rows)
     return int(n_embd)
+
+
+def _count(info: GGUFInfo, key: str, default: int | None = None) -> int:
+    """An integer hyperparameter (a scalar of any integer type; llama.cpp refuses other types itself)."""
+    if key not in info.kv:
+        if default is None:
+            raise info.fail(f"missing key {key}")
+        return default
+    vtype, value = info.kv[key]
+    if vtype not in _INTS:
+        raise info.fail(f"key {key} has type {vtype.name}, an integer is required")
+    return int(value)
+
+
+def _check_llm_values(info: GGUFInfo, n_embd: int, n_vocab: int) -> None:
+    """Every count llama.cpp reads against the tensors present, every enum against llama.cpp's names:
+    llama.cpp asserts (aborts the process) on several of them, and a wrong shape fails deep in its loader."""
+    n_layer = _count(info, S.BLOCK_COUNT_LLM)
+    blocks = {int(m.group(1)) for name in info.tensors if (m := _LLM_BLOCK_RE.match(name))}
+    if not 1 <= n_layer <= S.MAX_LAYERS_LLM or blocks != set(range(n_layer)):
+        raise info.fail(f"{S.BLOCK_COUNT_LLM} is {n_layer} but the file holds {len(blocks)} blocks "
+                        f"(at most {S.MAX_LAYERS_LLM})")
+    for key in S.ABSENT_FEATURES_LLM:  # llama.cpp reads expert_used_count as a scalar or a per-layer array
+        value = info.get(key, 0)
+        if value is None or (any(value) if isinstance(value, list) else value):  # None: a long array
+            raise info.fail(f"{key} is {value}, but the file has no such tensors (llama3v runs dense llama models)")
+    for key, upper in S.POSITIVE_FLOATS_LLM.items():
+        value = info.get(key, 1.0)
+        if not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 < value <= upper):
+            raise info.fail(f"{key} is {value}, not a positive number up to {upper:g}")
+    if _count(info, S.CONTEXT_LENGTH_LLM) < 1:
+        raise info.fail(f"{S.CONTEXT_LENGTH_LLM} must be at least 1")
+    scaling = info.get(S.ROPE_SCALING_TYPE, "linear")
+    if scaling not in S.ROPE_SCALING_TYPES:
+        raise info.fail(f"{S.ROPE_SCALING_TYPE} {scaling!r} is not one of llama.cpp's "
+                        f"{', '.join(S.ROPE_SCALING_TYPES)}")
+    n_head = _count(info, S.HEAD_COUNT_LLM)
+    if n_head < 1 or n_embd % n_head:
+        raise info.fail(f"{S.HEAD_COUNT_LLM} {n_head} does not divide the embedding width {n_embd}")
+    n_head_kv = _count(info, S.HEAD_COUNT_KV_LLM, n_head)
+    if n_head_kv < 1 or n_head % n_head_kv:
+        raise info.fail(f"{S.HEAD_COUNT_KV_LLM} {n_head_kv} does not divide {S.HEAD_COUNT_LLM} {n_head}")
+    head_k = _count(info, S.KEY_LENGTH_LLM, n_embd // n_head)
+    head_v = _count(info, S.VALUE_LENGTH_LLM, n_embd // n_head)
+    n_rot = _count(info, S.ROPE_DIMENSION_COUNT, head_k)
+    if not 0 < n_rot == head_k or head_v < 1:
+        raise info.fail(f"head widths (key {head_k}, value {head_v}, rope {n_rot}) are not consistent")
+    n_ff = _count(info, S.FEED_FORWARD_LENGTH_LLM)
+    required = {S.OUTPUT_NORM: (n_embd,)}
+    if S.OUTPUT in info.tensors:
+        required[S.OUTPUT] = (n_embd, n_vocab)
+    for bid in range(n_layer):
+        shapes = {"attn_norm": (n_embd,), "attn_q": (n_embd, n_head * head_k), "attn_k": (n_embd, n_head_kv * head_k),
+                  "attn_v": (n_embd, n_head_kv * head_v), "attn_output": (n_head * head_v, n_embd),
+                  "ffn_norm": (n_embd,), "ffn_gate": (n_embd, n_ff), "ffn_up": (n_embd, n_ff),
+                  "ffn_down": (n_ff, n_embd)}
+        required.update({S.LLM_BLOCK.format(bid=bid, part=part): shape for part, shape in shapes.items()})
+    _require_tensors(info, required)
 
 
 def _check_vocab(info: GGUFInfo, n_rows: int) -> None:
@@ -94,9 +158,30 @@ def check_mmproj(info: GGUFInfo) -> int:
         if not isinstance(value, list) or len(value) != 3 or info.kv[key][1] is None:
             raise info.fail(f"{key} must be 3 floats")
     layers = info.get(S.FEATURE_LAYER) or []
-    if any(not 0 < k <= info.get(S.BLOCK_COUNT) for k in layers):
-        raise info.fail(f"feature layer {layers} is outside the {info.get(S.BLOCK_COUNT)} blocks")
+    n_blocks = info.get(S.BLOCK_COUNT)
+    if not 1 <= n_blocks <= S.MAX_BLOCKS_VISION or any(not 0 < k <= n_blocks for k in layers):
+        raise info.fail(f"feature layer {layers} is outside the {n_blocks} blocks")
+    width, n_head = info.get(S.EMBEDDING_LENGTH), info.get(S.HEAD_COUNT)
+    if not n_head or width % n_head:
+        raise info.fail(f"{S.HEAD_COUNT} {n_head} does not divide the tower's width {width}")
+    eps = info.get(S.LAYER_NORM_EPS)
+    if not (math.isfinite(eps) and 0 < eps < 1):
+        raise info.fail(f"{S.LAYER_NORM_EPS} {eps} is not a small positive number")
+    _check_pinpoints(info, image)
     return _check_vision_tensors(info)
+
+
+def _check_pinpoints(info: GGUFInfo, image: int) -> None:
+    """LLaVA-NeXT grids: (width, height) pairs of multiples of the tile size, each within the pixel limit
+    (the anyres resize allocates a canvas of that size)."""
+    if S.GRID_PINPOINTS not in info.kv:
+        return
+    flat = info.get(S.GRID_PINPOINTS)
+    if not isinstance(flat, list) or not flat or len(flat) % 2 or \
+            any(not isinstance(v, int) or v <= 0 or v % image for v in flat):
+        raise info.fail(f"{S.GRID_PINPOINTS} must be (width, height) pairs of multiples of {image}")
+    if any(w * h > MAX_PIXELS for w, h in zip(flat[::2], flat[1::2], strict=True)):
+        raise info.fail(f"{S.GRID_PINPOINTS} has a grid over the {MAX_PIXELS:,}-pixel limit")
 
 
 def _check_vision_tensors(info: GGUFInfo) -> int:
@@ -106,8 +191,7 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
     n_pos = (int(info.get(S.IMAGE_SIZE)) // patch) ** 2 + (S.CLASS_EMBD in info.tensors)
     mm0, mm2 = (S.PROJ_LAYER.format(idx=i, kind="weight") for i in (0, 2))
     width = info.tensors[mm0].rows if mm0 in info.tensors else -1
-    required: dict[str, tuple[int, ...]] = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos),
-                                            mm0: (d, width)}
+    required = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos), mm0: (d, width)}
     # mm.2 is required although clip.cpp loads it as optional: its clip_n_mmproj_embd reads mm.2's width
     # unchecked, so an mm.0-only file crashes libmtmd at load (SIGSEGV, measured), and its graph applies
     # gelu after mm.0 anyway (docs/s2.md).
@@ -120,22 +204,24 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
         up, down = (S.VISION_BLOCK.format(bid=bid, part=p, kind="weight") for p in (S.FFN_UP, S.FFN_DOWN))
         swapped = down in info.tensors and tuple(info.tensors[down].dims) == (d, ff)
         required[up], required[down] = ((ff, d), (d, ff)) if swapped else ((d, ff), (ff, d))
-    width = info.tensors[mm2].rows if mm2 in info.tensors else width
-    if S.S2_SCALES in info.kv:
-        width = _s2_tensors(info, d, width, required)
+    _require_tensors(info, required)
+    width = info.tensors[mm2].rows
+    return _s2_tensors(info, d, width) if S.S2_SCALES in info.kv else width
+
+
+def _require_tensors(info: GGUFInfo, required: dict[str, tuple[int, ...]]) -> None:
+    """Each named tensor present with exactly the shape (ggml order) the file's keys imply."""
     for name, shape in required.items():
         t = info.tensors.get(name)
         if t is None:
             raise info.fail(f"tensor {name} is missing")
         if tuple(t.dims) != shape or min(shape) <= 0:
             raise info.fail(f"tensor {name} has shape {list(t.dims)}, the file's keys imply {list(shape)}")
-    return width
 
 
-def _s2_tensors(info: GGUFInfo, d: int, mtmd_width: int, required: dict) -> int:
+def _s2_tensors(info: GGUFInfo, d: int, mtmd_width: int) -> int:
     """An S2 mmproj (runtime/s2.py): sizes that cut into whole crops, libmtmd passing the tower's features
-    through, and the runtime's projector (f32/f16, read by numpy); adds its shapes to `required`, returns its
-    output width."""
+    through, and the runtime's projector (f32/f16, read by numpy); returns its output width."""
     scales = info.get(S.S2_SCALES)
     size = int(info.get(S.IMAGE_SIZE))
     if (info.kv[S.S2_SCALES][0] != V.ARRAY or not isinstance(scales, list) or not scales or scales[0] != size
@@ -149,10 +235,12 @@ def _s2_tensors(info: GGUFInfo, d: int, mtmd_width: int, required: dict) -> int:
     if w0 is None or w2 is None:
         raise info.fail("an S2 mmproj lacks its projector (s2.mm.0, s2.mm.2)")
     n_embd = w2.rows
+    required: dict[str, tuple[int, ...]] = {}
     for idx, shape in ((0, (d * len(scales), n_embd)), (2, (n_embd, n_embd))):
         required[S.S2_PROJ_LAYER.format(idx=idx, kind="weight")] = shape
         required[S.S2_PROJ_LAYER.format(idx=idx, kind="bias")] = (n_embd,)
-    for name in (n for n in required if n.startswith("s2.")):
+    _require_tensors(info, required)
+    for name in required:
         if name in info.tensors and info.tensors[name].type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             raise info.fail(f"tensor {name} must be F32 or F16")
     return n_embd

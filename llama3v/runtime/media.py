@@ -218,7 +218,7 @@ def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: E
                 progress: Progress | None = None) -> list[Part]:
     """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/tile_arrangement.py)."""
     spec = image_spec(encoder, max_tiles)
-    processed = process_image(load_image(source, spec.max_pixels), spec)
+    processed = process_image(load_image(source, spec=spec), spec)
     layout, g = processed.layout, encoder.grid
     keys = [_key(encoder, tile) for tile in processed.tiles]
     tile_ms = [0.0] * len(keys)  # encode time per tile; stays 0 for tiles found in the cache

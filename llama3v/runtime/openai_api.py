@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
+import re
+import shutil
 import tempfile
 import time
 import urllib.request
@@ -23,6 +26,7 @@ from llama3v.runtime.grammar import ANY_OBJECT, json_grammar
 from llama3v.runtime.logprobs import MAX_TOP, Alternative, TokenLogprob
 from llama3v.runtime.options import SAMPLING
 from llama3v.runtime.session import Result
+from llama3v.runtime.video import container_kind
 
 
 class RequestError(Llama3vError):
@@ -41,7 +45,7 @@ class MediaPolicy:
     any_path: bool = False  # a local library user's own files (the chat handler); never for the server
     allow_remote: bool = False
     max_bytes: int = 64 << 20
-    timeout_s: float = 20.0
+    timeout_s: float = 20.0  # total time for one remote fetch: connecting, headers and every read together
     tmpdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
     remote_switch: str = "start the server with --allow-remote"  # how this policy's owner turns remote URLs on
 
@@ -49,10 +53,14 @@ class MediaPolicy:
 def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> bytes | Path:
     """Resolve a media URL under the policy: image bytes, or a file path for videos (OpenCV reads files).
 
-    Videos that arrive as bytes are written to a temporary file, appended to `temp_files` for the
-    caller to delete when the request ends."""
+    Videos that arrive as bytes must be a real container format (runtime/video.py: never a playlist or
+    another text format that makes FFmpeg open further files) and are written into a private temporary
+    folder of their own (mode 0700), appended to `temp_files` for the caller to remove (`remove_temp`)
+    when the request ends."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{kind}_url needs a url")
+    if "\0" in url:
+        raise RequestError(f"{kind}_url contains a NUL character")
     scheme = urlparse(url).scheme.lower()
     if scheme == "data":
         data = _data_uri(url, policy)
@@ -66,10 +74,48 @@ def fetch(url: str, kind: str, policy: MediaPolicy, temp_files: list[Path]) -> b
         raise RequestError(f"unsupported media URL scheme {scheme!r}")
     if kind == "image":
         return data
-    with tempfile.NamedTemporaryFile(dir=policy.tmpdir, prefix="llama3v-video-", suffix=".bin", delete=False) as f:
-        temp_files.append(Path(f.name))
+    container = container_kind(data[:512])
+    if container is None:
+        raise RequestError("the video is not in a container format llama3v reads (MP4/MOV, Matroska/WebM, AVI, "
+                           "FLV, Ogg, ASF, MPEG-PS/TS); playlists and other text formats are refused", 415)
+    folder = Path(tempfile.mkdtemp(prefix="llama3v-", dir=policy.tmpdir))  # mode 0700: this request's alone
+    temp_files.append(folder)
+    path = folder / f"video-{len(temp_files)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
-    return Path(f.name)
+    return path
+
+
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")
+
+
+def public_message(message: str, temp_files: list[Path]) -> str:
+    """An error message fit for a client: its first line, with no temporary path of the server (an upload is
+    "upload") and no object address."""
+    for path in temp_files:
+        message = message.replace(str(path) + "/", "uploaded ").replace(str(path), "upload")
+    return _ADDRESS.sub("", message.splitlines()[0] if message else message)
+
+
+def remove_temp(paths: list[Path]) -> None:
+    """Delete the temporary folders `fetch` made for a request."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    paths.clear()
+
+
+def has_remote(messages: object) -> bool:
+    """Whether any media part of OpenAI messages names an http(s) URL (the server fetches those in a pool of
+    their own, so slow remote servers cannot hold up other requests)."""
+    for m in messages if isinstance(messages, list) else []:
+        for part in m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            ref = part.get(kind) if kind in ("image_url", "video_url") else None
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if isinstance(url, str) and urlparse(url).scheme.lower() in ("http", "https"):
+                return True
+    return False
 
 
 def _data_uri(url: str, policy: MediaPolicy) -> bytes:
@@ -85,25 +131,47 @@ def _data_uri(url: str, policy: MediaPolicy) -> bytes:
 
 
 def _download(url: str, policy: MediaPolicy) -> bytes:
+    """The body at `url`, within the size cap and the total deadline (a server that trickles its answer a
+    byte at a time is cut off at the deadline, not after one timeout per read)."""
+    deadline = time.monotonic() + policy.timeout_s
+    too_big = RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
+    late = RequestError(f"could not fetch {url} within {policy.timeout_s:g} s", 504)
+    chunks, size = [], 0
     try:
         with urllib.request.urlopen(url, timeout=policy.timeout_s) as response:  # noqa: S310 - http(s) only
-            data = response.read(policy.max_bytes + 1)
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > policy.max_bytes:
+                raise too_big
+            while chunk := response.read1(1 << 16):
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise too_big
+                if time.monotonic() > deadline:
+                    raise late
+                chunks.append(chunk)
+    except TimeoutError:
+        raise late from None
     except OSError as e:
-        raise RequestError(f"could not fetch {url}: {e}", 502) from e
-    if len(data) > policy.max_bytes:
-        raise RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
-    return data
+        raise RequestError(f"could not fetch {url}: {getattr(e, 'reason', None) or e.strerror or e}", 502) from None
+    if time.monotonic() > deadline:
+        raise late
+    return b"".join(chunks)
 
 
 def _local(path: str, kind: str, policy: MediaPolicy) -> bytes | Path:
+    if "\0" in path:
+        raise RequestError(f"{kind}_url contains a NUL character")
     resolved = Path(path).expanduser().resolve()
     if not policy.any_path and not any(resolved.is_relative_to(r.resolve()) for r in policy.roots):
         raise RequestError(f"local path {path!r} is outside the allowed media roots", 403)
     if not resolved.is_file():
         raise RequestError(f"no such file: {path}", 404)
-    if resolved.stat().st_size > policy.max_bytes:
-        raise RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
-    return resolved if kind == "video" else resolved.read_bytes()
+    try:
+        if resolved.stat().st_size > policy.max_bytes:
+            raise RequestError(f"media larger than the {policy.max_bytes >> 20} MiB limit", 413)
+        return resolved if kind == "video" else resolved.read_bytes()
+    except OSError as e:
+        raise RequestError(f"cannot read {path}: {e.strerror}", 403) from None
 
 
 def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Path]) -> list[dict]:
@@ -128,10 +196,14 @@ def session_messages(messages: object, policy: MediaPolicy, temp_files: list[Pat
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                if not isinstance(part.get("text", ""), str):
+                    raise RequestError("a text part's text must be a string")
+                parts.append({"type": "text", "text": part.get("text", "")})
             elif kind in ("image_url", "video_url"):
                 media = kind.removesuffix("_url")
                 ref = part.get(kind)
+                if not isinstance(ref, (dict, str)):
+                    raise RequestError(f"{kind} must be an object with a url, or a url")
                 source = fetch(ref.get("url") if isinstance(ref, dict) else ref, media, policy, temp_files)
                 parts.append({"type": media, media: source})
             else:
@@ -145,39 +217,62 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 def sampling(body: dict, default_max_tokens: int = SAMPLING.max_tokens) -> dict:
-    """Session options from an OpenAI request body: sampling, logprobs, the JSON grammar, the room check.
+    """Session options from an OpenAI request body: sampling, logprobs, the JSON grammar, the room check; each
+    value checked for its JSON type.
 
-    An explicit max_tokens must fit in the context with the prompt (else a 400, as OpenAI answers); without
-    one, the answer stops at default_max_tokens or where the context ends (finish_reason "length").
+    An explicit max_tokens (or max_completion_tokens) must be at least 1 (0 is refused, as OpenAI does) and
+    fit in the context with the prompt (else a 400, as OpenAI answers); without one, the answer stops at
+    default_max_tokens or where the context ends (finish_reason "length").
     """
     if body.get("tools") or body.get("functions"):
         raise RequestError("tools (function calling) are not supported by this server")
+    explicit = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    logit_bias = body.get("logit_bias")
     try:
-        explicit = body.get("max_completion_tokens", body.get("max_tokens"))
-        stop = body.get("stop") or []
         out = {
-            "max_tokens": int(explicit if explicit is not None else default_max_tokens),
+            "max_tokens": default_max_tokens if explicit is None else _number(explicit, "max_tokens", int),
             "require_room": explicit is not None,
             "logprobs": _logprobs(body),
             "grammar": _grammar(body.get("response_format")),
-            "temperature": float(body.get("temperature", 1.0)),
-            "top_p": float(body.get("top_p", 1.0)),
-            "top_k": int(body.get("top_k", 0)),  # OpenAI has no top_k: off unless asked
-            "seed": None if body.get("seed") is None else int(body["seed"]),
-            "stop": [stop] if isinstance(stop, str) else [str(s) for s in stop],
-            "logit_bias": {int(t): float(b) for t, b in (body.get("logit_bias") or {}).items()} or None,
-            "frequency_penalty": float(body.get("frequency_penalty") or 0.0),
-            "presence_penalty": float(body.get("presence_penalty") or 0.0),
+            "temperature": _number(body.get("temperature", 1.0), "temperature", float),
+            "top_p": _number(body.get("top_p", 1.0), "top_p", float),
+            "top_k": _number(body.get("top_k", 0), "top_k", int),  # OpenAI has no top_k: off unless asked
+            "seed": None if body.get("seed") is None else _number(body["seed"], "seed", int),
+            "stop": [stop] if isinstance(stop, str) else stop or [],
+            "logit_bias": None,
+            "frequency_penalty": _number(body.get("frequency_penalty") or 0.0, "frequency_penalty", float),
+            "presence_penalty": _number(body.get("presence_penalty") or 0.0, "presence_penalty", float),
         }
     except (TypeError, ValueError) as e:
-        raise RequestError(f"invalid sampling parameter: {e}") from e
-    if out["max_tokens"] < 1 or not 0 <= out["temperature"] <= 100 or not 0 < out["top_p"] <= 1:
-        raise RequestError("max_tokens must be >= 1, temperature in [0, 100], top_p in (0, 1]")
+        raise RequestError(f"invalid sampling parameter: {e}") from None
+    if not (isinstance(out["stop"], list) and all(isinstance(s, str) for s in out["stop"])):
+        raise RequestError("stop must be a string or a list of strings")
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise RequestError("logit_bias must be an object of token id -> bias")
+        try:
+            out["logit_bias"] = {int(t): _number(b, "a logit bias", float) for t, b in logit_bias.items()} or None
+        except ValueError:
+            raise RequestError("logit_bias keys must be token ids") from None
+    if out["max_tokens"] < 1 or not 0 <= out["temperature"] <= 100 or not 0 < out["top_p"] <= 1 or out["top_k"] < 0:
+        raise RequestError("max_tokens must be >= 1, temperature in [0, 100], top_p in (0, 1], top_k >= 0")
     if not (-2 <= out["frequency_penalty"] <= 2 and -2 <= out["presence_penalty"] <= 2):
         raise RequestError("frequency_penalty and presence_penalty must be in [-2, 2]")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported")
+    if not isinstance(body.get("stream_options", {}) if body.get("stream_options") is not None else {}, dict):
+        raise RequestError("stream_options must be an object")
     return out
+
+
+def _number(value: object, name: str, kind: type) -> int | float:
+    """A JSON number of the right kind (an integer where one is needed), finite and below 2^53 in size."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 2 ** 53 or \
+            (kind is int and isinstance(value, float) and not value.is_integer()):
+        what = "an integer" if kind is int else "a finite number"
+        raise RequestError(f"{name} must be {what}, got {repr(value)[:40]}")
+    return kind(value)
 
 
 def _logprobs(body: dict) -> int | None:

@@ -82,10 +82,9 @@ def preview(session: Session, kind: str, url: object, policy: oa.MediaPolicy) ->
     except oa.RequestError:
         raise
     except Llama3vError as e:
-        raise oa.RequestError(str(e)) from None
+        raise oa.RequestError(oa.public_message(str(e), temp_files)) from None
     finally:
-        for path in temp_files:
-            path.unlink(missing_ok=True)
+        oa.remove_temp(temp_files)
 
 
 def image_preview(session: Session, source: bytes | Path) -> dict:

@@ -231,9 +231,9 @@ class Session:
         if videos and budget is None:
             # The context left after everything that is not a video row, the answer's room included.
             fixed = sum(len(self.model.tokenize_prompt(p)) for p in pieces if isinstance(p, str))
-            fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p))
+            fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p, False))
                          for parts in images.values() for p in parts)
-            fixed += sum(len(self.model.tokenize(t)) for v in videos.values() for t in v.timestamp_texts)
+            fixed += sum(len(self.model.tokenize(t, False)) for v in videos.values() for t in v.timestamp_texts)
             budget = default_budget(self.ctx.n_ctx, fixed, answer_tokens, len(videos))
         expanded = [images[i] if i in images else
                     video_parts(videos[i], self.encoder, self.cache, budget, o.video_measure, self.progress)
@@ -244,10 +244,13 @@ class Session:
             for part in parts:
                 if isinstance(part, Rows):
                     runs.append(part)
-                elif runs and isinstance(runs[-1], list):
-                    runs[-1].extend(self.model.tokenize_prompt(part))
+                    continue
+                # The template's control tokens only (prompt.Text); a media item's text (separators, times) is plain.
+                ids = self.model.tokenize(part, False) if isinstance(piece, int) else self.model.tokenize_prompt(part)
+                if runs and isinstance(runs[-1], list):
+                    runs[-1].extend(ids)
                 else:
-                    runs.append(self.model.tokenize_prompt(part))
+                    runs.append(ids)
         prompt = _Prompt(runs)
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
