@@ -1,6 +1,6 @@
 """`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
 
-    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,s2] [--threads 1,2]
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,s2] [--threads 1,2]
 
 Models (random weights, real shapes; built once and cached under the llama3v cache):
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
@@ -8,7 +8,7 @@ Models (random weights, real shapes; built once and cached under the llama3v cac
   bunny-s2  Bunny v1.1's S2 tower: SigLIP-so400m-384 (feature layer -2) at 384/768/1152 (14 passes), the
             mlp2x projector from 3456 to 4096
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
-            the decoder in f16 and q4_k_m
+            the decoder in f16 and q4_k_m (`parallel`: 1, 2 and 4 clients at once on each decoder)
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
 interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
@@ -256,6 +256,104 @@ def section_decode(threads: int, rounds: int, model_type: str) -> dict:
     return res
 
 
+PARALLEL_CLIENTS = (1, 2, 4)
+PARALLEL_ANSWER = 32  # tokens per answer
+PARALLEL_REQUESTS = 2  # questions each client asks, one after another
+
+
+def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
+    """`serve --parallel 4` without HTTP: 1, 2 and 4 clients at once, each asking two text questions in turn
+    (each its own, of different lengths) through the server's worker: aggregate tokens/s end to end (all answers'
+    tokens over the wall time), aggregate decode tokens/s (the same tokens over the wall time less every request's
+    encode and prompt time: the worker decodes nothing else meanwhile) and time to first token.
+    Also the KV cache's resident memory per slot, from the process's RSS around contexts of 1 and 4 slots."""
+    import threading
+
+    from llama3v.runtime.context import Context
+    from llama3v.runtime.server import Job, ServerConfig, Worker
+    from llama3v.runtime.session import Session
+
+    model = build("llava-1b") / f"model-{model_type}.gguf"
+    res: dict = {}
+    n_ctx = 4096  # the default context per slot, for the memory figure
+    session = Session(model, None, n_ctx=1024, n_threads=threads, parallel=max(PARALLEL_CLIENTS))
+    rss = {}
+    for n_seq in (1, 4):
+        before = _rss_bytes()
+        ctx = Context(session.model, n_ctx=n_ctx, n_seq=n_seq, n_threads=threads)
+        rss[n_seq] = _rss_bytes() - before
+        ctx.close()
+    res["kv_mib_per_slot"] = {f"n_ctx {n_ctx}, f16 KV": (rss[4] - rss[1]) / 3 / 2**20,
+                              "context of 1 slot": rss[1] / 2**20, "context of 4 slots": rss[4] / 2**20}
+    worker = Worker(session, ServerConfig())
+    ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
+
+    def client(k: int, ttft: list[float], prefill: list[float]) -> int:
+        tokens = 0
+        for j in range(PARALLEL_REQUESTS):
+            question = f"Client {k}, question {j}: " + QUESTION[:40 + 30 * ((k + j) % 4)]
+            done, first = threading.Event(), []
+            t0 = time.perf_counter()
+
+            def push(event: tuple, done: threading.Event = done, first: list = first) -> None:
+                if event[0] == "piece" and not first:
+                    first.append(time.perf_counter())
+                elif event[0] in ("done", "error"):
+                    first.append(event)
+                    done.set()
+
+            worker.submit(Job(messages=[{"role": "user", "content": question}], push=push, ticket=worker.admit(0),
+                              options={"max_tokens": PARALLEL_ANSWER, "temperature": 0, "logit_bias": ban}))
+            done.wait()
+            assert first[-1][0] == "done", first[-1]
+            ttft.append(first[0] - t0)
+            result = first[-1][1]
+            tokens += len(result.tokens)
+            prefill.append((result.timings["encode_ms"] + result.timings["prompt_ms"]) / 1e3)
+        return tokens
+
+    def wave(n: int) -> tuple[float, float, int, list[float]]:
+        """Seconds, seconds of prefill (the worker decodes nothing else meanwhile), tokens, times to first token."""
+        ttft: list[float] = []
+        prefill: list[float] = []
+        counts = [0] * n
+        threads_ = [threading.Thread(target=lambda k=k: counts.__setitem__(k, client(k, ttft, prefill)))
+                    for k in range(n)]
+        t0 = time.perf_counter()
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        return time.perf_counter() - t0, sum(prefill), sum(counts), ttft
+
+    for n in PARALLEL_CLIENTS:  # warm-up
+        wave(n)
+    rates: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    decode: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    ttfts: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    for _ in range(rounds):
+        for n in PARALLEL_CLIENTS:
+            seconds, prefill, tokens, ttft = wave(n)
+            rates[n].append(tokens / seconds)
+            decode[n].append(tokens / (seconds - prefill))
+            ttfts[n].extend(ttft)
+    worker.stop()
+    for n in PARALLEL_CLIENTS:
+        res[f"{n} clients tokens/s end to end"] = summary(rates[n], 1.0)
+        res[f"{n} clients decode tokens/s"] = summary(decode[n], 1.0)
+        res[f"{n} clients / 1 client decode tokens/s"] = ratio(decode[n], decode[1])
+        cut = statistics.quantiles(ttfts[n], n=20, method="inclusive")
+        res[f"{n} clients ttft ms"] = {**summary(ttfts[n]), "p50": statistics.median(ttfts[n]) * 1e3,
+                                       "p95": cut[18] * 1e3}
+        res[f"{n} clients / 1 client tokens/s end to end"] = ratio(rates[n], rates[1])
+    return res
+
+
+def _rss_bytes() -> int:
+    """The process's resident memory now (not the peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def section_video(threads: int, rounds: int) -> dict:
     """Video end to end (decode, sample, budget, encode) on the H.264 test clip or a made one."""
     from llama3v.runtime.encoder import VisionEncoder
@@ -317,10 +415,10 @@ def section_s2(threads: int, rounds: int) -> dict:
 # What each section measures at 2 threads and at 1 (TTFT with the q4_k_m decoder only, 1 thread: the encode and
 # decode scaling only, so that the suite stays near 15 minutes here).
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
-        ("video", 2): ("",), ("s2", 2): ("",), ("encode", 1): ("vitl336",), ("ttft", 1): (), ("decode", 1): ("q4_k_m",),
-        ("video", 1): (), ("s2", 1): ()}
+        ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("s2", 2): ("",), ("encode", 1): ("vitl336",),
+        ("ttft", 1): (), ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): (), ("s2", 1): ()}
 SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
-            "s2": section_s2}
+            "parallel": section_parallel, "s2": section_s2}
 
 
 def environment() -> dict:
@@ -356,7 +454,7 @@ def child(name: str, threads: int, rounds: int, extra: str) -> None:
     from llama3v.runtime import engine
 
     engine.libs()
-    args = (threads, rounds) + ((extra,) if name in ("encode", "ttft", "decode") else ())
+    args = (threads, rounds) + ((extra,) if name in ("encode", "ttft", "decode", "parallel") else ())
     results = SECTIONS[name](*args)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results))
@@ -366,6 +464,8 @@ def _print(res: dict, path: str = "") -> None:
     """One line per measurement: median (min, max) and any extra figures."""
     for name, value in res.items():
         if not isinstance(value, dict):
+            if path:  # a figure inside a group (top-level scalars are the section's RSS and wall time)
+                print(f"- {path}{name}: {value:.4g}")
             continue
         if "median" in value:
             extra = "".join(f", {k} {v:.4g}" for k, v in value.items() if k not in ("median", "min", "max", "n"))
@@ -378,7 +478,7 @@ def _print(res: dict, path: str = "") -> None:
 def main() -> None:
     """Run the suite, print the tables, append the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="encode,ttft,decode,video,s2")
+    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,s2")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")

@@ -64,6 +64,8 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
     p.add_argument("--n-ctx", type=int, default=SessionOptions.n_ctx,
                    help=f"context size in tokens ({SessionOptions.n_ctx})")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
+    p.add_argument("--kv-type", choices=("f16", "f32"), default=SessionOptions.kv_type,
+                   help=f"KV cache type ({SessionOptions.kv_type}; f32 for exact comparisons)")
     _add_chat_template(p, "instead of the GGUF's")
 
 
@@ -151,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible HTTP API",
                        description="Serve /v1/chat/completions (text, image_url and video_url parts; streaming), "
                        "/v1/completions, /v1/models, /health, and a chat page at /. Loopback only unless --host says "
-                       "otherwise. Requests queue for the "
-                       "single model; a full queue answers 503. Options also come from LLAMA3V_* variables.")
+                       "otherwise. Up to --parallel requests decode together; more queue, and a full queue "
+                       "answers 503. Options also come from LLAMA3V_* variables.")
     _add_model(p, env=True)
     p.add_argument("--host", default=env("LLAMA3V_HOST", "127.0.0.1"), help="bind address (127.0.0.1; LLAMA3V_HOST)")
     p.add_argument("--port", type=int, default=env("LLAMA3V_PORT", "8080"), help="port (8080; LLAMA3V_PORT)")
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-timeout", type=float, default=float(env("LLAMA3V_FETCH_TIMEOUT", "20")),
                    help="seconds one --allow-remote fetch may take in all (20)")
     p.add_argument("--max-tiles", type=int, default=None, metavar="N", help="as for `run`")
+    p.add_argument("--parallel", type=int, default=env("LLAMA3V_PARALLEL", "1"), metavar="N",
+                   help="requests decoded together, each with --n-ctx positions of its own KV cache "
+                   "(1; LLAMA3V_PARALLEL)")
     _add_runtime(p)
 
     p = sub.add_parser("quantize", parents=[common], help="write an mmproj or LLM GGUF in another type",
@@ -278,7 +283,8 @@ def _session(args: argparse.Namespace, progress=None, **media: object):  # -> ll
     from llama3v.runtime.session import Session
 
     options = SessionOptions(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                             max_tiles=args.max_tiles, chat_template=args.chat_template, **media)
+                             max_tiles=args.max_tiles, kv_type=args.kv_type, parallel=getattr(args, "parallel", 1),
+                             chat_template=args.chat_template, **media)
     return Session(args.model, args.mmproj, options, progress=progress)
 
 

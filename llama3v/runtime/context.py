@@ -140,20 +140,31 @@ class TextModel:
 
 
 class Context:
-    """A libllama context for sequence 0: decodes tokens and embedding rows at the next positions."""
+    """A libllama context of one or more sequences (ids 0..n_seq-1), each with its own KV region of `n_ctx`
+    positions: decodes tokens and embedding rows at a sequence's next positions, or one token of several
+    sequences in one batch (continuous batching)."""
 
     def __init__(self, model: TextModel, n_ctx: int, n_batch: int = 512, n_threads: int | None = None,
-                 kv_type: str = "f16", flash_attn: bool | None = None, borrow: object = None):
-        """A context of `n_ctx` positions (runtime/options.py holds the default), or `borrow` an existing one."""
+                 kv_type: str = "f16", flash_attn: bool | None = None, borrow: object = None, n_seq: int = 1):
+        """A context of `n_ctx` positions per sequence (runtime/options.py holds the default), or `borrow` an
+        existing one (one sequence)."""
         self.model = model
         llama = self._llama = model._llama
         self._owned = borrow is None
+        if not 1 <= n_seq <= n_batch:
+            raise Llama3vError(f"{n_seq} sequences do not fit one batch of {n_batch}: choose 1 to {n_batch}")
         if borrow is not None:
+            if n_seq != 1:
+                raise Llama3vError("a borrowed context serves one sequence")
             self.ptr = borrow
         else:
             params = llama.llama_context_default_params()
             threads = n_threads or engine.default_threads()
-            params.n_ctx = n_ctx
+            # Not unified: libllama splits the KV cache into one stream of n_ctx cells per sequence, so each
+            # sequence keeps its own region and its attention sees only its own cells.
+            params.n_ctx = n_ctx * n_seq
+            params.n_seq_max = n_seq
+            params.kv_unified = False
             params.n_batch = params.n_ubatch = n_batch
             params.n_threads = params.n_threads_batch = threads
             params.type_k = params.type_v = _KV_TYPES[kv_type]
@@ -162,48 +173,68 @@ class Context:
             engine.take_log()
             self.ptr = llama.llama_init_from_model(model.ptr, params)
             if not self.ptr:
-                raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens")
-        self.n_ctx = llama.llama_n_ctx(self.ptr)
+                raise engine.failure(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens"
+                                     + (f" for each of {n_seq} sequences" if n_seq > 1 else ""))
+        self.n_ctx = llama.llama_n_ctx_seq(self.ptr)  # positions per sequence
         if self.n_ctx > model.n_ctx_train > 0:
             # llama.cpp runs it, but positions past the trained length are outside what the model learned.
             warnings.warn(f"{model.path.name}: a context of {self.n_ctx} positions goes past the {model.n_ctx_train} "
                           "the model was trained on; answers may degrade beyond that", stacklevel=3)
         self.n_batch = n_batch
-        self.n_past = 0
+        self.n_seq = n_seq
+        self.n_past = [0] * n_seq  # positions decoded, per sequence
+        self._out = [-1] * n_seq  # index in the last batch of each sequence's last logits
         self._tok = llama.llama_batch_init(n_batch, 0, 1)
         self._emb = llama.llama_batch_init(n_batch, model.n_embd, 1)
         for batch in (self._tok, self._emb):
             for i in range(n_batch):
-                batch.seq_id[i][0] = 0
                 batch.n_seq_id[i] = 1
 
     def fits(self, n_positions: int) -> bool:
-        """The one rule for the context's size: `n_positions` positions from the start fit unless they exceed it."""
+        """The one rule for the context's size: `n_positions` positions of a sequence fit unless they exceed it."""
         return n_positions <= self.n_ctx
 
-    def truncate(self, n: int) -> None:
-        """Forget every position from `n` on (keeps the KV cache of the first n)."""
-        if n < self.n_past:
-            self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(self.ptr), 0, n, -1)
-        self.n_past = min(n, self.n_past)
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """Forget every position of sequence `seq` from `n` on (keeps the KV cache of its first n)."""
+        if n < self.n_past[seq]:
+            self._llama.llama_memory_seq_rm(self._llama.llama_get_memory(self.ptr), seq, n, -1)
+        self.n_past[seq] = min(n, self.n_past[seq])
 
-    def decode_tokens(self, tokens: list[int], all_logits: bool = False) -> np.ndarray | None:
-        """Decode tokens; return logits of the last one, or of each one with `all_logits`."""
-        return self._decode(np.asarray(tokens, dtype=np.int32), None, all_logits)
+    def decode_tokens(self, tokens: list[int], all_logits: bool = False, seq: int = 0) -> np.ndarray | None:
+        """Decode tokens into sequence `seq`; return logits of the last one, or of each one with `all_logits`."""
+        return self._decode(np.asarray(tokens, dtype=np.int32), None, all_logits, seq)
 
-    def decode_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray | None:
+    def decode_embeddings(self, rows: np.ndarray, all_logits: bool = False, seq: int = 0) -> np.ndarray | None:
         """Decode embedding rows [n, n_embd] in place of tokens; logits as in decode_tokens."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
             raise Llama3vError(f"embedding rows must be [n, {self.model.n_embd}], got {list(rows.shape)}")
-        return self._decode(None, rows, all_logits)
+        return self._decode(None, rows, all_logits, seq)
 
-    def _decode(self, tokens: np.ndarray | None, rows: np.ndarray | None, all_logits: bool) -> np.ndarray | None:
+    def decode_step(self, tokens: dict[int, int]) -> None:
+        """Decode one token for each sequence in `tokens` ({seq: token}) in a single batch, keeping each one's
+        logits for `logits(seq)` and sampling."""
+        if not tokens:
+            return
+        for seq in tokens:
+            if not self.fits(self.n_past[seq] + 1):
+                raise Llama3vError(f"the context holds {self.n_ctx} tokens per sequence; sequence {seq} is full")
+        batch, m = self._tok, len(tokens)
+        batch.n_tokens = m
+        for i, (seq, tok) in enumerate(tokens.items()):
+            batch.token[i], batch.pos[i], batch.seq_id[i][0], batch.logits[i] = tok, self.n_past[seq], seq, 1
+        self._run(batch, f"a step of {m} sequences")
+        for i, seq in enumerate(tokens):
+            self.n_past[seq] += 1
+            self._out[seq] = i
+
+    def _decode(self, tokens: np.ndarray | None, rows: np.ndarray | None, all_logits: bool,
+                seq: int) -> np.ndarray | None:
         n = len(tokens) if tokens is not None else len(rows)
         if n == 0:
             return None
-        if not self.fits(self.n_past + n):
-            raise Llama3vError(f"the context holds {self.n_ctx} tokens; {self.n_past + n} are needed")
+        if not self.fits(self.n_past[seq] + n):
+            raise Llama3vError(f"the context holds {self.n_ctx} tokens; {self.n_past[seq] + n} are needed")
         batch = self._tok if tokens is not None else self._emb
         outputs = []
         for start in range(0, n, self.n_batch):
@@ -214,23 +245,33 @@ class Context:
             else:
                 d = self.model.n_embd
                 np.ctypeslib.as_array(batch.embd, shape=(m * d,))[:] = rows[start:start + m].reshape(-1)
-            np.ctypeslib.as_array(batch.pos, shape=(m,))[:] = np.arange(self.n_past, self.n_past + m)
+            np.ctypeslib.as_array(batch.pos, shape=(m,))[:] = np.arange(self.n_past[seq], self.n_past[seq] + m)
+            for i in range(m):
+                batch.seq_id[i][0] = seq
             flags = np.ctypeslib.as_array(batch.logits, shape=(m,))
             flags[:] = 1 if all_logits else 0
             if not all_logits and start + m == n:
                 flags[m - 1] = 1
-            engine.take_log()
-            rc = self._llama.llama_decode(self.ptr, batch)
-            if rc != 0:
-                raise engine.failure(f"llama_decode failed (code {rc}) at position {self.n_past}")
-            self.n_past += m
+            self._run(batch, f"position {self.n_past[seq]}")
+            self.n_past[seq] += m
+            self._out[seq] = m - 1
             for i in np.flatnonzero(flags):
                 outputs.append(self._logits(int(i)))
         return np.stack(outputs) if all_logits else outputs[-1]
 
-    def last_logits(self) -> np.ndarray:
-        """Logits of the last position decoded (the one the next token is sampled from)."""
-        return self._logits(-1)
+    def _run(self, batch: object, where: str) -> None:
+        engine.take_log()
+        rc = self._llama.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise engine.failure(f"llama_decode failed (code {rc}) at {where}")
+
+    def logits(self, seq: int = 0) -> np.ndarray:
+        """Logits of sequence `seq`'s last decoded position (the one its next token is sampled from)."""
+        return self._logits(self._out[seq])
+
+    def output_index(self, seq: int = 0) -> int:
+        """Where in the last batch sequence `seq`'s logits are (valid until the next decode)."""
+        return self._out[seq]
 
     def _logits(self, i: int) -> np.ndarray:
         ptr = self._llama.llama_get_logits_ith(self.ptr, i)
@@ -286,9 +327,9 @@ class Sampler:
         seed = 0xFFFFFFFF if seed is None else seed & 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
         llama.llama_sampler_chain_add(self.ptr, llama.llama_sampler_init_dist(seed))
 
-    def sample(self, ctx: Context) -> int:
-        """Draw the next token from the last decoded position's logits."""
-        return int(self._llama.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+    def sample(self, ctx: Context, seq: int = 0) -> int:
+        """Draw the next token from sequence `seq`'s last decoded position's logits."""
+        return int(self._llama.llama_sampler_sample(self.ptr, ctx.ptr, ctx.output_index(seq)))
 
     def close(self) -> None:
         """Free the chain."""

@@ -39,6 +39,7 @@ class SessionOptions:
     kv_type: str = "f16"  # f16 or f32 (parity tests)
     flash_attn: bool | None = None  # None: llama.cpp decides
     encode_cache_bytes: int = 256 << 20  # encoded tiles and frames kept for reuse
+    parallel: int = 1  # conversations decoded together (slots), each with n_ctx positions of its own KV cache
     chat_template: str | None = None  # a format name or template file instead of the GGUF's (docs/prompts.md)
 
     # Media (docs/high-resolution.md, docs/video.md).

@@ -1,9 +1,10 @@
 """`llama3v serve`: an OpenAI-compatible HTTP server over one session (FastAPI + uvicorn).
 
 FastAPI and uvicorn are what llama-cpp-python's own server uses: maintained, typed, with
-server-sent events through Starlette. The model serves one request at a time: requests wait in
-a bounded queue (a full queue answers 503), a worker thread runs them in order, and a client
-that disconnects stops its generation at the next token, freeing the model. Loopback by default;
+server-sent events through Starlette. The model serves `--parallel` requests at once (one by
+default), decoded together in one context (Worker): more wait in a bounded queue (a full queue
+answers 503) and start in order as slots free up; a client that disconnects stops its generation
+at the next token, freeing its slot. Loopback by default;
 optional API key; local media only under the allowed roots; remote URLs only if enabled.
 Besides /v1/chat/completions it answers the legacy /v1/completions (text_completions.py) and serves
 the chat page at / (page.py).
@@ -17,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from llama3v.runtime import openai_api as oa
 from llama3v.runtime import text_completions as tc
 from llama3v.runtime.http_guard import Guard, GuardPolicy, error_body, header_deadline_protocol
 from llama3v.runtime.options import CONVERSATION_MAX_TOKENS
-from llama3v.runtime.session import Session
+from llama3v.runtime.session import Generation, Session
 
 log = logging.getLogger("llama3v.server")
 # How often a non-streamed request looks for its client. uvicorn notices a closed connection only while it
@@ -54,7 +55,9 @@ class ServerConfig:
 
 
 @dataclass
-class _Job:
+class Job:
+    """One request for the worker: chat messages (or a raw prompt) and sampling options; `push` gets its events."""
+
     messages: list[dict]
     options: dict
     # delivers ("piece", text, token logprobs) / ("done", Result) / ("error", status, text)
@@ -66,8 +69,23 @@ class _Job:
     prompt: str | None = None  # /v1/completions: raw text to continue instead of messages
 
 
+@dataclass
+class _Active:
+    """A job in a slot: its generation and how many logprobs were sent."""
+
+    job: Job
+    gen: Generation
+    steps: Iterator[str | int]
+    sent: int = 0
+
+
 class Worker:
-    """Runs jobs one at a time on the session, in a thread of its own.
+    """Runs jobs on the session's slots in a thread of its own: the one thread that touches llama.cpp.
+
+    Each round it asks every running generation for its next token (sampled from the last batch's
+    logits), then starts queued jobs in free slots (encoding their media and decoding their prompt
+    into their own sequence, one job after another: libmtmd and libllama are not safe to call from
+    several threads), then decodes the round's tokens of every slot in one batch.
 
     Admission comes before a request's body is read: a request holds a place in the queue (and its body's
     bytes count against `max_pending_bytes`) from its headers until the worker takes it, so concurrent big
@@ -75,13 +93,23 @@ class Worker:
 
     def __init__(self, session: Session, config: ServerConfig):
         self.session, self.config = session, config
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()  # bounded by admission
-        self.busy = False
-        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # bounded by admission
+        self.slots: list[_Active | None] = [None] * session.ctx.n_seq
+        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "slots_peak": 0}
         self._lock = threading.Lock()
         self._admitted = self._admitted_bytes = 0
         self._thread = threading.Thread(target=self._run, name="llama3v-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any slot is generating."""
+        return self.in_use > 0
+
+    @property
+    def in_use(self) -> int:
+        """Slots generating now."""
+        return sum(a is not None for a in self.slots)
 
     def admit(self, nbytes: int) -> int:
         """Hold a place for a request whose body has `nbytes` bytes (at most); raise a 503 RequestError when the
@@ -103,58 +131,105 @@ class Worker:
             self._admitted -= 1
             self._admitted_bytes -= ticket
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: Job) -> None:
         """Queue an admitted job."""
         self.jobs.put_nowait(job)
 
     def stop(self) -> None:
-        """Finish the current job and end the thread."""
+        """Finish the running jobs and end the thread."""
         self.jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.release(job.ticket)
-            try:
+        stopping = False
+        while not stopping or self.busy:
+            tokens: dict[int, int] = {}
+            for slot in range(len(self.slots)):
+                if self.slots[slot] is not None:
+                    self._advance(slot, tokens)
+            while not stopping and None in self.slots:
+                try:  # wait only when nothing is running
+                    job = self.jobs.get_nowait() if self.busy else self.jobs.get()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    continue
+                self.release(job.ticket)
                 if job.cancel.is_set():  # its client left while it waited
                     self.stats["cancelled"] += 1
-                    continue
-                self.busy = True
-                self._serve(job)
-            finally:
-                oa.remove_temp(job.temp_files)
-                self.busy = False
+                    oa.remove_temp(job.temp_files)
+                else:
+                    self._start(job, tokens)
+            try:
+                self.session.decode_step(tokens)
+            except Exception as e:  # the batch failed: every generation in it ends
+                log.exception("batch decode failed")
+                for slot in tokens:
+                    self._fail(slot, e)
 
-    def _serve(self, job: _Job) -> None:
-        deadline = job.queued + self.config.request_timeout_s
+    def _start(self, job: Job, tokens: dict[int, int]) -> None:
+        """Begin a job in a free slot: the session picks the one that holds the longest prefix of its prompt."""
+        free = [i for i, a in enumerate(self.slots) if a is None]
         try:
             if job.prompt is None:
-                gen = self.session.chat(job.messages, **job.options)
+                gen = self.session.chat(job.messages, slot=free, **job.options)
             else:
-                gen = self.session.complete(job.prompt, **job.options)
-            sent = 0
-            for piece in gen:
-                if job.cancel.is_set() or time.monotonic() > deadline:
-                    gen.close()
-                    timed_out = not job.cancel.is_set()
-                    self.stats["cancelled"] += 1
-                    if timed_out:
-                        job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
+                gen = self.session.complete(job.prompt, slot=free, **job.options)
+        except Exception as e:
+            self._refuse(job, e)
+            oa.remove_temp(job.temp_files)
+            return
+        self.slots[gen.slot] = _Active(job, gen, gen.steps())
+        self.stats["slots_peak"] = max(self.stats["slots_peak"], self.in_use)
+        self._advance(gen.slot, tokens)
+
+    def _advance(self, slot: int, tokens: dict[int, int]) -> None:
+        """Run a slot's generation to its next token to decode (into `tokens`), or to its end."""
+        active = self.slots[slot]
+        job = active.job
+        if job.cancel.is_set() or time.monotonic() > job.queued + self.config.request_timeout_s:
+            self.stats["cancelled"] += 1
+            if not job.cancel.is_set():
+                job.push(("error", 504, f"request timed out after {self.config.request_timeout_s:.0f} s"))
+            self._free(slot)
+            return
+        try:
+            for step in active.steps:
+                if isinstance(step, int):
+                    tokens[slot] = step
                     return
-                job.push(("piece", piece, gen.logprobs[sent:]))
-                sent = len(gen.logprobs)
-            self.stats["served"] += 1
-            job.push(("done", gen.result))
-        except oa.RequestError as e:
-            self.stats["failed"] += 1
+                job.push(("piece", step, active.gen.logprobs[active.sent:]))
+                active.sent = len(active.gen.logprobs)
+        except Exception as e:
+            self._fail(slot, e)
+            return
+        self.stats["served"] += 1
+        job.push(("done", active.gen.result))
+        self._free(slot)
+
+    def _fail(self, slot: int, e: Exception) -> None:
+        """Answer a slot's job with the error and free the slot."""
+        self._refuse(self.slots[slot].job, e)
+        self._free(slot)
+
+    def _refuse(self, job: Job, e: Exception) -> None:
+        self.stats["failed"] += 1
+        if isinstance(e, oa.RequestError):
             job.push(("error", e.status, oa.public_message(str(e), job.temp_files)))
-        except Llama3vError as e:
-            self.stats["failed"] += 1
+        elif isinstance(e, Llama3vError):
             job.push(("error", 400, oa.public_message(str(e), job.temp_files)))
-        except Exception as e:  # a bug must not take the worker down
-            self.stats["failed"] += 1
-            log.exception("request failed")
+        else:  # a bug must not take the worker down
+            log.error("request failed", exc_info=e)
             job.push(("error", 500, f"internal error: {type(e).__name__}"))
+
+    def _free(self, slot: int) -> None:
+        """Close a slot's generation (a no-op once finished; else the KV cache keeps what was decoded so far),
+        remove its uploads, then report the slot free."""
+        active = self.slots[slot]
+        active.gen.close()
+        oa.remove_temp(active.job.temp_files)
+        self.slots[slot] = None
 
 
 def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
@@ -185,7 +260,8 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "busy": worker.busy, "queued": worker.jobs.qsize(), **worker.stats}
+        return {"status": "ok", "busy": worker.busy, "slots_in_use": worker.in_use, "slots": len(worker.slots),
+                "queued": worker.jobs.qsize(), **worker.stats}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -194,7 +270,7 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202 - JSON or an event stream
-        async def load(payload: dict, job: _Job) -> None:
+        async def load(payload: dict, job: Job) -> None:
             messages = payload.get("messages")
             # Remote fetches run in a pool of their own: slow servers cannot hold up other requests' media.
             pool = fetch_pool if oa.has_remote(messages) else None
@@ -205,17 +281,17 @@ def create_app(session: Session, config: ServerConfig):  # -> fastapi.FastAPI
 
     @app.post("/v1/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or an event stream
-        async def load(payload: dict, job: _Job) -> None:
+        async def load(payload: dict, job: Job) -> None:
             job.prompt = tc.prompt_text(payload)
 
         return await answer(request, load, tc.TextFormat)
 
-    async def answer(request: Request, load: Callable[[dict, _Job], Awaitable[None]],  # noqa: ANN202
+    async def answer(request: Request, load: Callable[[dict, Job], Awaitable[None]],  # noqa: ANN202
                      fmt: oa.ResponseFormat):
         """Admit the request, read and `load` it into a job, queue it; stream its events or wait for the whole
         answer, written in `fmt`."""
         length = request.headers.get("content-length")
-        job = _Job(messages=[], options={}, ticket=worker.admit(int(length) if length else config.max_body_bytes))
+        job = Job(messages=[], options={}, ticket=worker.admit(int(length) if length else config.max_body_bytes))
         try:
             payload = await read_json(request, config)
             job.options = oa.sampling(payload, config.default_max_tokens)
@@ -296,7 +372,7 @@ async def _read_body(request, limit: int) -> bytes:  # noqa: ANN001 - a Starlett
     return b"".join(chunks)
 
 
-async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, model: str,  # noqa: ANN001, ANN202
+async def _collect(request, events: asyncio.Queue, job: Job, request_id: str, model: str,  # noqa: ANN001, ANN202
                    fmt: oa.ResponseFormat):
     """Wait for a non-streamed answer, cancelling the job if the client goes away (checked every
     DISCONNECT_CHECK_S, also while pieces keep arriving)."""
@@ -320,7 +396,7 @@ async def _collect(request, events: asyncio.Queue, job: _Job, request_id: str, m
         job.cancel.set()  # no-op when finished; stops the worker if this handler is cancelled
 
 
-async def _sse(events: asyncio.Queue, job: _Job, request_id: str, model: str,
+async def _sse(events: asyncio.Queue, job: Job, request_id: str, model: str,
                include_usage: bool, fmt: oa.ResponseFormat) -> AsyncIterator[str]:
     """Server-sent events: an opening chunk (chat), text chunks, a final chunk, [DONE]; cancelled on disconnect."""
     try:

@@ -4,6 +4,12 @@ Each call builds the prompt as a sequence of token runs and embedding-row blocks
 with an identity (a token id, or a media key and row). The longest prefix that matches what the
 KV cache already holds is kept; only the rest is encoded and decoded. A follow-up question about
 the same photo therefore decodes only its new tokens and encodes nothing.
+
+A session of `parallel` slots holds that many conversations at once, each in its own sequence of
+one context with its own KV prefix. A generation is a series of steps: text pieces, and token ids
+that must be decoded into its slot before it can go on. Iterating a `Generation` decodes each one
+at once; a scheduler (the server's) instead gathers one token from every slot's generation and
+decodes them in a single batch (`Session.decode_step`).
 """
 
 from __future__ import annotations
@@ -71,13 +77,24 @@ class Result:
 class Generation:
     """Iterate for text pieces as they are generated; `result` is set once iteration ends."""
 
-    def __init__(self, run: Callable[[Generation], Iterator[str]]):
+    def __init__(self, run: Callable[[Generation], Iterator[str | int]], slot: int, decode: Callable[[int], None]):
         self.result: Result | None = None
         self.logprobs: list[TokenLogprob] = []  # grows token by token while streaming, when asked for
-        self._pieces = run(self)
+        self.slot = slot  # the session's sequence this conversation is decoded into
+        self._steps = run(self)
+        self._decode = decode
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._pieces
+        for step in self._steps:
+            if isinstance(step, int):
+                self._decode(step)
+            else:
+                yield step
+
+    def steps(self) -> Iterator[str | int]:
+        """The raw steps, for a scheduler that batches decodes: text pieces, and token ids that must be decoded
+        into `slot` (and nothing else decoded into the context) before the next step is asked for."""
+        return self._steps
 
     def wait(self) -> Result:
         """Run to the end and return the result."""
@@ -87,7 +104,7 @@ class Generation:
 
     def close(self) -> None:
         """Stop generating now (`result` stays None); the session keeps what was decoded so far."""
-        self._pieces.close()
+        self._steps.close()
 
 
 @dataclass
@@ -122,7 +139,7 @@ class Session:
             check_pair(model_info, read_gguf(mmproj_path))
         self.model = TextModel(model_path, n_gpu_layers=o.n_gpu_layers, info=model_info)
         self.ctx = Context(self.model, n_ctx=o.n_ctx, n_batch=o.n_batch, n_threads=o.n_threads, kv_type=o.kv_type,
-                           flash_attn=o.flash_attn)
+                           flash_attn=o.flash_attn, n_seq=o.parallel)
         self._setup(mmproj_path, o.n_threads, o.n_gpu_layers != 0, progress)
 
     @classmethod
@@ -139,7 +156,7 @@ class Session:
         self.ctx = Context(self.model, n_ctx=llama.n_ctx(), n_batch=llama.n_batch, borrow=llama._ctx.ctx)
         opts = replace(options or SessionOptions(), **overrides)
         self.options = replace(opts, n_ctx=self.ctx.n_ctx, n_batch=llama.n_batch,
-                               n_threads=opts.n_threads or llama.n_threads)
+                               n_threads=opts.n_threads or llama.n_threads, parallel=1)
         self._setup(mmproj_path, self.options.n_threads, use_gpu, None)
         return self
 
@@ -152,7 +169,9 @@ class Session:
         self.cache = EncodeCache(self.options.encode_cache_bytes)
         self.progress = progress
         self.template_name, self.template = self._chat_template(self.options.chat_template)
-        self._held: list = []  # identities of the positions in the KV cache, in order
+        # Per slot: identities of the positions in its KV cache, in order.
+        self._held: list[list] = [[] for _ in range(self.ctx.n_seq)]
+        self._last_use, self._uses = [0] * self.ctx.n_seq, 0  # when each slot last began a generation
 
     def _chat_template(self, override: str | None) -> tuple[str, str]:
         """(name, template): `override` (a format name or file), else the GGUF's, else Llama-3's."""
@@ -185,7 +204,9 @@ class Session:
         log-probability and the k likeliest, see runtime/logprobs.py), grammar=None (a GBNF grammar, root
         rule `root`, that constrains the answer), frequency_penalty=0 and presence_penalty=0 (OpenAI's, over
         the generated tokens), require_room=False (refuse a prompt that leaves the context less than
-        max_tokens, instead of stopping where the context ends).
+        max_tokens, instead of stopping where the context ends), slot=0 (which of the session's `parallel`
+        sequences holds the conversation; a list of slots picks the one whose KV cache holds the longest prefix
+        of this prompt, or else the one used longest ago).
         """
         return self._run([message_from_openai(m) for m in messages], **sampling)
 
@@ -207,8 +228,16 @@ class Session:
                seed: int | None = None, stop: list[str] | None = None, logit_bias: dict[int, float] | None = None,
                all_logits: bool = False, logprobs: int | None = None,
                grammar: str | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-               require_room: bool = False) -> Generation:
-        n = len(prompt.identities())
+               require_room: bool = False, slot: int | list[int] = 0) -> Generation:
+        ids = prompt.identities()
+        n = len(ids)
+        slots = [slot] if isinstance(slot, int) else list(slot)
+        if not slots or any(not 0 <= s < self.ctx.n_seq for s in slots):
+            raise Llama3vError(f"slot {slot} is not one of this session's {self.ctx.n_seq}")
+        # The longest prefix wins; among equals the slot used longest ago, so recent conversations stay for follow-ups.
+        slot = max(slots, key=lambda s: (_common_prefix(self._held[s], ids), -self._last_use[s]))
+        self._uses += 1
+        self._last_use[slot] = self._uses
         if require_room and not self.ctx.fits(n + max_tokens):
             raise Llama3vError(f"max_tokens {max_tokens} does not fit: the context holds {self.ctx.n_ctx} positions "
                                f"and the prompt takes {n}, so at most {self.ctx.n_ctx - n} can be generated "
@@ -216,7 +245,8 @@ class Session:
         sampler = Sampler(self.model, temperature, top_k, top_p, seed, logit_bias, grammar, frequency_penalty,
                           presence_penalty, self.ctx.n_ctx)
         return Generation(lambda gen: self._stream(gen, prompt, media_info, max_tokens, sampler, stop or [],
-                                                   all_logits, logprobs))
+                                                   all_logits, logprobs),
+                          slot, lambda tok: self.ctx.decode_tokens([tok], seq=slot))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
         pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text)
@@ -263,33 +293,34 @@ class Session:
         return prompt, [describe(parts) for parts in expanded]
 
     def _stream(self, gen: Generation, prompt: _Prompt, media_info: list[MediaInfo], max_tokens: int, sampler: Sampler,
-                stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str]:
+                stop: list[str], all_logits: bool, logprobs: int | None) -> Iterator[str | int]:
+        slot = gen.slot
         try:
             encodes_before = self.encoder.n_encodes if self.encoder else 0
             t0 = time.perf_counter()
-            keep, t1, _ = self._load(prompt, all_logits)
+            keep, t1, _ = self._load(prompt, all_logits, slot)
             t2 = time.perf_counter()
 
             tokens: list[int] = []
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             text, emitted, finish = "", 0, "length"
             holdback = max((len(s) for s in stop), default=1) - 1  # a stop string may be forming
-            while len(tokens) < max_tokens and self.ctx.fits(self.ctx.n_past + 1):
-                tok = sampler.sample(self.ctx)
+            while len(tokens) < max_tokens and self.ctx.fits(self.ctx.n_past[slot] + 1):
+                tok = sampler.sample(self.ctx, slot)
                 if self.model.is_end_of_generation(tok):
                     finish = "stop"
                     break
                 tokens.append(tok)
                 if logprobs is not None:
-                    gen.logprobs.append(token_logprob(self.ctx.last_logits(), tok, logprobs, self.model.piece))
+                    gen.logprobs.append(token_logprob(self.ctx.logits(slot), tok, logprobs, self.model.piece))
                 text += decoder.decode(self.model.piece(tok))
                 cut = min((text.find(s) for s in stop if s in text), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
                     break
                 if len(tokens) < max_tokens:
-                    self.ctx.decode_tokens([tok])
-                    self._held.append(tok)
+                    yield tok  # decoded into the slot before this generator is resumed
+                    self._held[slot].append(tok)
                 if len(text) - holdback > emitted:
                     yield text[emitted:len(text) - holdback]
                     emitted = len(text) - holdback
@@ -308,7 +339,7 @@ class Session:
         finally:
             sampler.close()
 
-    def _load(self, prompt: _Prompt, all_logits: bool) -> tuple[int, float, np.ndarray]:
+    def _load(self, prompt: _Prompt, all_logits: bool, slot: int = 0) -> tuple[int, float, np.ndarray]:
         """Encode what the prompt needs and decode it past the reusable KV prefix.
 
         Returns the reused length, the time encoding ended and the last position's logits; sets
@@ -316,17 +347,17 @@ class Session:
         """
         ids = prompt.identities()
         # Keep what the KV cache already holds, but decode at least the last position for its logits.
-        keep = min(_common_prefix(self._held, ids), len(ids) - 1)
+        keep = min(_common_prefix(self._held[slot], ids), len(ids) - 1)
         todo = self._runs_after(prompt, keep)
         for run, _ in todo:
             if isinstance(run, Rows):
                 run.data()
         encoded = time.perf_counter()
-        self._held = []
-        self.ctx.truncate(keep)
-        outputs = [self._decode_run(run, skip, all_logits) for run, skip in todo]
+        self._held[slot] = []
+        self.ctx.truncate(keep, slot)
+        outputs = [self._decode_run(run, skip, all_logits, slot) for run, skip in todo]
         self.prompt_logits = np.concatenate(outputs) if all_logits else None
-        self._held = list(ids)
+        self._held[slot] = list(ids)
         return keep, encoded, outputs[-1][-1] if all_logits else outputs[-1]
 
     def score(self, prompt: str, continuation: list[int], images: list | tuple = (), videos: list | tuple = (),
@@ -344,7 +375,7 @@ class Session:
         if not continuation:
             return last[None]
         rest = self.ctx.decode_tokens(list(continuation), all_logits=True)
-        self._held.extend(continuation)
+        self._held[0].extend(continuation)
         return np.concatenate([last[None], rest])
 
     @staticmethod
@@ -358,15 +389,20 @@ class Session:
             pos += n
         return out
 
-    def _decode_run(self, run: list[int] | Rows, skip: int, all_logits: bool) -> np.ndarray | None:
+    def _decode_run(self, run: list[int] | Rows, skip: int, all_logits: bool, slot: int) -> np.ndarray | None:
         if isinstance(run, list):
-            return self.ctx.decode_tokens(run[skip:], all_logits)
-        return self.ctx.decode_embeddings(run.data()[skip:], all_logits)
+            return self.ctx.decode_tokens(run[skip:], all_logits, slot)
+        return self.ctx.decode_embeddings(run.data()[skip:], all_logits, slot)
+
+    def decode_step(self, tokens: dict[int, int]) -> None:
+        """Decode the token each generation asked for ({slot: token}) in one batch (continuous batching)."""
+        self.ctx.decode_step(tokens)
 
     def reset(self) -> None:
-        """Forget the conversation held in the KV cache (encoded images stay cached)."""
-        self._held = []
-        self.ctx.truncate(0)
+        """Forget the conversations held in the KV cache (encoded images stay cached)."""
+        for slot in range(self.ctx.n_seq):
+            self._held[slot] = []
+            self.ctx.truncate(0, slot)
 
     def close(self) -> None:
         """Free llama.cpp's resources."""
