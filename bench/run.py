@@ -1,10 +1,12 @@
 """`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
 
-    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,mllama] [--threads 1,2]
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,s2,mllama] [--threads 1,2]
 
 Models (random weights, real shapes; built once and cached under the llama3v cache):
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
   siglip    SigLIP-so400m-384 tower + mlp2x projector to 2048
+  bunny-s2  Bunny v1.1's S2 tower: SigLIP-so400m-384 (feature layer -2) at 384/768/1152 (14 passes), the
+            mlp2x projector from 3456 to 4096
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
             the decoder in f16 and q4_k_m (`parallel`: 1, 2 and 4 clients at once on each decoder)
   mllama    a small Llama-3.2-Vision: 560-pixel tiles (4 x 1601 cross-attention rows per image, as the 11B
@@ -73,9 +75,12 @@ def build(name: str) -> Path:
         return out
     spec = {"vitl336": TinySpec(**VITL, text_hidden=4096, **SMALL_TEXT),
             "siglip": TinySpec(**SIGLIP, text_hidden=2048, **SMALL_TEXT),
+            "bunny-s2": TinySpec(**{**SIGLIP, "feature_layer": -2}, text_hidden=4096, **SMALL_TEXT,
+                                 s2_scales=(384, 768, 1152), preprocess_pad=True),
             "llava-1b": TinySpec(**VITL, **LLAMA_1B, weight_scale=0.5)}[name]
     print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
-    make_checkpoint(root / "ckpt", spec, "hf-5", dtype="f16" if name == "llava-1b" else "f32")
+    layout = "original" if spec.s2_scales else "hf-5"  # S2 exists only in Bunny's (original) layout
+    make_checkpoint(root / "ckpt", spec, layout, dtype="f16" if name == "llava-1b" else "f32")
     convert(root / "ckpt", out, "f16" if name == "llava-1b" else "f32", "f32" if name != "llava-1b" else "f16",
             force=True)
     if name == "llava-1b":
@@ -429,13 +434,39 @@ def section_video(threads: int, rounds: int) -> dict:
         f"rows within a {budget}-token budget": rows_after}}
 
 
+def section_s2(threads: int, rounds: int) -> dict:
+    """Bunny v1.1's S2 encode of one image (14 tower passes at 384/768/1152, merge, pooling, projector):
+    llama3v (libmtmd per crop + numpy) against the PyTorch reference (the 14 crops as one batch)."""
+    import torch
+
+    from llama3v.models.llava import LlavaReference
+    from llama3v.runtime.encoder import VisionEncoder
+    from llama3v.runtime.image_processing import load_image, prepare_tile
+    from llama3v.runtime.media import EncodeCache, image_parts
+
+    torch.set_num_threads(threads)
+    out = build("bunny-s2")
+    reference = LlavaReference.from_checkpoint(out.parent / "ckpt")
+    image = _image()
+    encoder = VisionEncoder(mmproj(out, "q8_0"), n_threads=threads)
+    tile = prepare_tile(load_image(image), encoder.spec)
+    # One encode is 14 tower passes (minutes here): no warm-up round (the first call's setup is well under 1% of
+    # it) and at most two paired rounds, so the suite stays usable.
+    times = paired({"llama3v q8_0": lambda: image_parts(image, 0, encoder, EncodeCache())[0].data(),
+                    "torch fp32": lambda: reference.encode_tiles(tile[None])}, min(rounds, 2), warmup=0)
+    res = {k: summary(v) for k, v in times.items()}
+    res["llama3v q8_0 / torch fp32"] = ratio(times["llama3v q8_0"], times["torch fp32"])
+    return res
+
+
 # What each section measures at 2 threads and at 1 (TTFT with the q4_k_m decoder only, 1 thread: the encode and
 # decode scaling only, so that the suite stays near 15 minutes here).
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
-        ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("encode", 1): ("vitl336",), ("ttft", 1): (),
-        ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): (), ("mllama", 2): ("",), ("mllama", 1): ()}
+        ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("s2", 2): ("",), ("encode", 1): ("vitl336",),
+        ("ttft", 1): (), ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): (), ("s2", 1): (),
+        ("mllama", 2): ("",), ("mllama", 1): ()}
 SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
-            "parallel": section_parallel, "mllama": section_mllama}
+            "parallel": section_parallel, "s2": section_s2, "mllama": section_mllama}
 
 
 def environment() -> dict:
@@ -495,7 +526,7 @@ def _print(res: dict, path: str = "") -> None:
 def main() -> None:
     """Run the suite, print the tables, append the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,mllama")
+    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,s2,mllama")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")

@@ -6,4 +6,5 @@ class Llama3vError(Exception):
 
 
 class Llama3vWarning(UserWarning):
-    """A file llama3v can run but that will not give the answers its checkpoint would (names the fix)."""
+    """Something llama3v assumed on the user's behalf, or a file it can run but that will not give the answers
+    its checkpoint would; names the fix (the CLI prints it as one line on stderr)."""

@@ -58,6 +58,7 @@ PREPROCESS_MODE = "llama3v.preprocess.mode"  # resize | squash | pad: single-til
 PROJECTOR_KIND = "llama3v.projector.kind"  # mlp2x_gelu | linear: what the checkpoint had
 SOURCE_FEATURE_LAYER = "llama3v.vision.hf_feature_layer"  # the checkpoint's own index (-2 etc.)
 KEPT_PRECISION = "llama3v.quant.kept_precision"  # tensors the quantizer left in high precision
+S2_SCALES = "llama3v.s2.scales"  # i32[]: multi-scale (S2) image sizes, smallest = the tower's (docs/s2.md)
 
 # --- mmproj tensor names ------------------------------------------------------------------------
 CLASS_EMBD = "v.class_embd"
@@ -73,6 +74,7 @@ LN1, LN2 = "ln1", "ln2"
 FFN_UP, FFN_DOWN = "ffn_up", "ffn_down"
 VISION_ATTN_PARTS = (ATTN_Q, ATTN_K, ATTN_V, ATTN_OUT)
 PROJ_LAYER = "mm.{idx}.{kind}"  # idx 0 and 2: the LLaVA MLP's two linear layers
+S2_PROJ_LAYER = "s2.mm.{idx}.{kind}"  # an S2 checkpoint's projector, run by the runtime after merging scales
 
 # --- LLM (llama architecture) -------------------------------------------------------------------
 LLM_ARCH = "llama"
@@ -102,6 +104,7 @@ ABSENT_FEATURES_LLM = ("llama.expert_count", "llama.expert_used_count", "llama.e
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 MAX_LAYERS_LLM = 512  # llama.cpp's LLAMA_MAX_LAYERS: more aborts the process
 CHAT_TEMPLATE = "tokenizer.chat_template"
+CHAT_FORMAT = "llama3v.chat.format"  # which format the template is: a name (chat_formats.py) or its source
 TOKENIZER_MODEL = "tokenizer.ggml.model"
 TOKENS = "tokenizer.ggml.tokens"
 TOKEN_TYPES = "tokenizer.ggml.token_type"

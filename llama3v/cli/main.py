@@ -66,6 +66,15 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
     p.add_argument("--kv-type", choices=("f16", "f32"), default=SessionOptions.kv_type,
                    help=f"KV cache type ({SessionOptions.kv_type}; f32 for exact comparisons)")
+    _add_chat_template(p, "instead of the GGUF's")
+
+
+def _add_chat_template(p: argparse.ArgumentParser, what: str) -> None:
+    from llama3v.chat_formats import FORMATS
+
+    p.add_argument("--chat-template", metavar="NAME|FILE", default=None,
+                   help=f"the prompt format to use {what}: {', '.join(FORMATS)}, or a Jinja template file "
+                   "(docs/prompts.md)")
 
 
 def _add_temperature(p: argparse.ArgumentParser) -> None:
@@ -98,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the LLM file (other LLM types: `llama3v quantize`)")
     p.add_argument("--mmproj-outtype", choices=quant_types.MMPROJ_TYPES, help="type of the mmproj file")
     p.add_argument("--vision-tower", help="directory (or Hub id) of the vision tower when it is not in SRC")
+    _add_chat_template(p, "instead of the one the checkpoint ships or its family was trained with")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
     p = sub.add_parser("embed", parents=[common], help="write the media embeddings that enter the context",
@@ -274,7 +284,7 @@ def _session(args: argparse.Namespace, progress=None, **media: object):  # -> ll
 
     options = SessionOptions(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                              max_tiles=args.max_tiles, kv_type=args.kv_type, parallel=getattr(args, "parallel", 1),
-                             **media)
+                             chat_template=args.chat_template, **media)
     return Session(args.model, args.mmproj, options, progress=progress)
 
 
@@ -283,7 +293,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     model, mmproj = convert(args.src, args.outdir, args.model_outtype or args.outtype,
                             args.mmproj_outtype or args.outtype, vision_tower=args.vision_tower, force=args.force,
-                            revision=args.revision, progress=bars(args.quiet))
+                            revision=args.revision, progress=bars(args.quiet), chat_template=args.chat_template)
     print(model)
     print(mmproj)
     return 0

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from llama3v.atomic import alive, remove_stale_partials
+from llama3v.chat_formats import resolve
 from llama3v.converters import llm as llava_llm
 from llama3v.converters import mllama_gguf
 from llama3v.converters import mmproj as llava_mmproj
-from llama3v.converters.tokenizer import load_vocab
+from llama3v.converters.tokenizer import choose_chat_format, load_vocab
 from llama3v.errors import Llama3vError
 from llama3v.hf.checkpoint import open_checkpoint
 from llama3v.hf.hub import resolve_checkpoint
@@ -44,8 +46,12 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     revision: str | None = None,
+    chat_template: str | None = None,
 ) -> tuple[Path, Path]:
-    """Convert `src` (a checkpoint directory, else a Hub id at `revision`) and return the LLM and mmproj paths."""
+    """Convert `src` (a checkpoint directory, else a Hub id at `revision`) and return the LLM and mmproj paths.
+
+    `chat_template` (a format name or a template file) replaces the prompt format the checkpoint names.
+    """
     model_type = parse_outtype(model_outtype, CONVERT_LLM_TYPES)
     mmproj_type = parse_outtype(mmproj_outtype, MMPROJ_TYPES)
     outdir = Path(outdir)
@@ -68,8 +74,12 @@ def convert(
     # Plan both files before writing either, so a missing tensor fails before any work.
     mmproj_plans = mm.mmproj_plan(ckpt, mmproj_type)
     llm_plans = llm.llm_plan(ckpt, model_type)
-    vocab = mllama_gguf.load_mllama_vocab(ckpt) if mm is mllama_gguf else \
-        load_vocab(ckpt.main, ckpt.config.text.vocab_size)
+    if mm is mllama_gguf:
+        vocab = mllama_gguf.load_mllama_vocab(ckpt)
+        if chat_template:
+            vocab = replace(vocab, chat=resolve(chat_template))
+    else:
+        vocab = load_vocab(ckpt.main, ckpt.config.text.vocab_size, choose_chat_format(ckpt, chat_template))
 
     try:
         outdir.mkdir(parents=True, exist_ok=True)

@@ -211,6 +211,12 @@ class LlavaConfig:
     image_token_index: int | None = None
     grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT: (height, width) tiling grids
     patch_merge: str = "flat"  # LLaVA-NeXT: "spatial_unpad" (unpad + image newline) or "flat"
+    s2_scales: tuple[int, ...] | None = None  # Bunny v1.1's multi-scale tower: image sizes, smallest first
+
+    @property
+    def projector_in(self) -> int:
+        """The projector's input width: the tower's, times the number of scales for S2."""
+        return self.vision.hidden_size * len(self.s2_scales or (0,))
 
     @property
     def n_feature_blocks(self) -> int:
@@ -266,3 +272,21 @@ def select_strategy_from(value: str, vision: VisionConfig) -> None:
         raise Llama3vError(
             f"vision feature select strategy {value!r} drops the first patch of a SigLIP tower (which has no "
             "class token), which libmtmd cannot express; SigLIP LLaVA checkpoints use 'full'")
+
+
+S2_DEFAULT_SCALES = "384,768,1152"  # Bunny's SiglipVisionTowerS2 default
+
+
+def s2_scales_from(value: object, vision: VisionConfig) -> tuple[int, ...]:
+    """Validate Bunny's `s2_scales` ("384,768,1152" or a list): sorted, the smallest the tower's input size,
+    each a multiple of it (the image is cut into whole crops and their features area-pooled exactly)."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        scales = tuple(sorted(int(v) for v in parts))
+    except (TypeError, ValueError):
+        raise Llama3vError(f"s2_scales must be comma-separated sizes, got {value!r}") from None
+    if not scales or scales[0] != vision.image_size or any(s % scales[0] for s in scales) or len(set(scales)) != len(
+            scales):
+        raise Llama3vError(f"s2_scales {list(scales)} must be distinct multiples of the tower's image size "
+                           f"{vision.image_size}, starting with it")
+    return scales

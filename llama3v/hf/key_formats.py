@@ -24,6 +24,7 @@ from llama3v.hf.config import (
     KNOWN_VISION_TOWERS,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    S2_DEFAULT_SCALES,
     SIGLIP_MEAN,
     SIGLIP_STD,
     LlavaConfig,
@@ -32,6 +33,7 @@ from llama3v.hf.config import (
     feature_layer_from,
     mapping,
     pinpoints_from,
+    s2_scales_from,
     select_strategy_from,
 )
 
@@ -207,10 +209,14 @@ def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) 
         raise Llama3vError(
             f"{main.root}: the vision tower {cfg.get('mm_vision_tower')!r} is neither in the checkpoint's "
             "config nor a local directory; pass its directory with --vision-tower")
+    s2 = s2_scales_from(cfg.get("s2_scales", S2_DEFAULT_SCALES), vision) if cfg.get("use_s2") else None
+    if s2 and vision.is_clip:
+        raise Llama3vError("S2 (use_s2) is only defined for SigLIP towers (Bunny's SiglipVisionTowerS2)")
     hidden = cfg.get("mm_hidden_size")
-    if hidden is not None and int(hidden) != vision.hidden_size:
+    if hidden is not None and int(hidden) != vision.hidden_size * len(s2 or (0,)):
         raise Llama3vError(
-            f"mm_hidden_size {hidden} does not match the vision tower's hidden_size {vision.hidden_size}")
+            f"mm_hidden_size {hidden} does not match the vision tower's hidden_size {vision.hidden_size}"
+            + (f" times {len(s2)} scales" if s2 else ""))
     kind = cfg.get("mm_projector_type", "linear")
     if kind not in ("linear", "mlp2x_gelu"):
         raise Llama3vError(f"projector type {kind!r} is not supported (linear or mlp2x_gelu)")
@@ -230,6 +236,7 @@ def _original_config(main: Checkpoint, tower: Checkpoint | None, sources: dict) 
         image_token_index=None,
         grid_pinpoints=pinpoints_from(cfg.get("image_grid_pinpoints"), vision) if anyres else None,
         patch_merge="spatial_unpad" if anyres and "unpad" in cfg.get("mm_patch_merge_type", "") else "flat",
+        s2_scales=s2,
     )
 
 

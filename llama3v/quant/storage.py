@@ -53,15 +53,21 @@ def file_type(outtype: GGMLQuantizationType) -> int:
     return int(_FILE_TYPES[outtype])
 
 
+_NUMPY_SIDE = S.S2_PROJ_LAYER.split("{")[0]
+
+
 def storage_type(name: str, shape: tuple[int, ...], requested: GGMLQuantizationType) -> GGMLQuantizationType:
     """The type tensor `name` is stored in when `requested` is asked for (shared by every output).
 
     1-D tensors (norms, biases, class embedding) and rope factors: f32. Float requests apply to
     every matrix. Quantized requests apply to matrices whose rows are whole blocks (32 values for
     q8_0/q5_x/q4_x, 256 for k-quants); patch and position embeddings and every other matrix stay f16.
+    Matrices the runtime multiplies in numpy (an S2 projector) are f32 in an f32 file, else f16.
     """
     if len(shape) == 1 or name == S.ROPE_FREQS:
         return Q.F32  # tiny and precision-critical
+    if name.startswith(_NUMPY_SIDE):  # computed by the runtime in numpy, which has f32 and f16 only
+        return Q.F32 if requested == Q.F32 else Q.F16
     if requested in _FLOAT:
         return requested
     block = GGML_QUANT_SIZES[requested][0]

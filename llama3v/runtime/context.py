@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import GGUFInfo, check_llm, read_model
@@ -73,6 +76,31 @@ class TextModel:
         """The BOS token's text."""
         return self.token_text(self._llama.llama_vocab_bos(self.vocab))
 
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Token ids of rendered prompt text: control tokens parsed where the template wrote them, never inside
+        the user's text (a `prompt.Text`'s `plain` ranges).
+
+        The text is cut at the template's control tokens, as llama.cpp cuts it when parsing specials, and each
+        piece tokenized plain, so ids equal llama.cpp's own wherever the user typed no control token.
+        """
+        plain = getattr(text, "plain", ())
+        if not plain:
+            return self.tokenize(text)
+        out, pos = [], 0
+        for match in self._controls.finditer(text):
+            if any(a < match.end() and match.start() < b for a, b in plain):
+                continue
+            if match.start() > pos:
+                out += self.tokenize(text[pos:match.start()], special=False)
+            out += self.tokenize(match.group(0))
+            pos = match.end()
+        return out + (self.tokenize(text[pos:], special=False) if pos < len(text) else [])
+
+    @functools.cached_property
+    def _controls(self) -> re.Pattern:
+        # Longest first, as llama.cpp matches them; a pattern that matches nothing when there are none.
+        return re.compile("|".join(re.escape(t) for t in self.control_texts()) or r"(?!)")
+
     def control_texts(self) -> list[str]:
         """The texts that tokenize as control tokens only when special tokens are parsed (llama.cpp's
         CONTROL and UNKNOWN attributes), longest first."""
@@ -82,6 +110,17 @@ class TextModel:
                      if self._llama.llama_vocab_get_attr(self.vocab, t) & flags}
             self._control_texts = sorted((t for t in found if t), key=len, reverse=True)
         return self._control_texts
+
+    @property
+    def eos_text(self) -> str:
+        """The EOS token's text."""
+        return self.token_text(self._llama.llama_vocab_eos(self.vocab))
+
+    @property
+    def chat_format(self) -> str | None:
+        """Which format the GGUF's chat template is (`llama3v.chat.format`), when the converter said."""
+        value = self.info.get(S.CHAT_FORMAT)
+        return value if isinstance(value, str) else None
 
     @property
     def chat_template(self) -> str | None:

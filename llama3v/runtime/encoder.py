@@ -16,6 +16,7 @@ from llama3v.gguf_header import read_tensor
 from llama3v.runtime import engine, selfcheck
 from llama3v.runtime.gguf_check import check_mmproj, is_mllama, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
+from llama3v.runtime.s2 import S2Head
 
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
 _verdict: dict[str, str] = {}  # the engine self-check runs once per process
@@ -34,16 +35,23 @@ class VisionEncoder:
         check_engine: bool = True,
     ):
         self.path = Path(mmproj_path)
-        info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
+        info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS, S.S2_SCALES))
         if is_mllama(info):  # its states are cross-attention inputs, not context rows: runtime/mllama.py encodes it
             raise info.fail("a Llama-3.2-Vision (mllama) mmproj: its vision states are not rows of the context, so "
                             "`embed` and libmtmd do not take it; run it with its model (docs/mllama.md)")
         self.n_embd = check_mmproj(info)
         if S.FEATURE_LAYER not in info.kv:
             warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
-        size = int(info.get(S.IMAGE_SIZE))
+        self.crop_size = size = int(info.get(S.IMAGE_SIZE))  # what libmtmd encodes in one pass
         self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
         self.tokens_per_tile = self.grid ** 2
+        # S2: a tile is the image at the largest scale; libmtmd's output is the tower's, projected here, so
+        # libmtmd must not hold it to the LLM's width.
+        self.s2 = S2Head.from_gguf(info) if S.S2_SCALES in info.kv else None
+        self._crop_width = self.n_embd
+        if self.s2 is not None:
+            size, text_model = self.s2.scales[-1], None
+            self._crop_width = int(info.get(S.EMBEDDING_LENGTH))
         flat = info.get(S.GRID_PINPOINTS) or []
         pinpoints = tuple((flat[i + 1], flat[i]) for i in range(0, len(flat) - 1, 2))  # stored (width, height)
         self.spec = ImageSpec(size=size, mode=str(info.get(S.PREPROCESS_MODE, "resize")),
@@ -72,6 +80,13 @@ class VisionEncoder:
         size = self.spec.size
         if tile.shape != (size, size, 3) or tile.dtype != np.uint8:
             raise Llama3vError(f"tiles must be uint8 [{size}, {size}, 3], got {tile.dtype} {list(tile.shape)}")
+        rows = self._encode_crop(tile) if self.s2 is None else self.s2.encode(tile, self._encode_crop, self.grid)
+        self.n_encodes += 1
+        return rows
+
+    def _encode_crop(self, tile: np.ndarray) -> np.ndarray:
+        """libmtmd's output for one tile of the tower's size."""
+        size = self.crop_size
         m = self._mtmd
         data = np.ascontiguousarray(tile)
         bitmap = m.mtmd_bitmap_init(size, size, data.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
@@ -89,11 +104,11 @@ class VisionEncoder:
             if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
                 raise engine.failure(f"{self.path}: libmtmd failed to encode the image")
             out = m.mtmd_get_output_embd(self._ctx)
-            rows = np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,)).reshape(n_tok, self.n_embd).copy()
+            width = self._crop_width
+            rows = np.ctypeslib.as_array(out, shape=(n_tok * width,)).reshape(n_tok, width).copy()
         finally:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
-        self.n_encodes += 1
         return rows
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import math
 import re
 from pathlib import Path
 
-from gguf import GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from llama3v import gguf_schema as S
 from llama3v.errors import Llama3vError
@@ -214,8 +214,10 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
     mm0, mm2 = (S.PROJ_LAYER.format(idx=i, kind="weight") for i in (0, 2))
     width = info.tensors[mm0].rows if mm0 in info.tensors else -1
     required = {S.PATCH_EMBD: (patch, patch, 3, d), S.POSITION_EMBD: (d, n_pos), mm0: (d, width)}
-    if mm2 in info.tensors:  # absent: a linear projector, which libmtmd's "mlp" graph also runs
-        required[mm2] = (width, info.tensors[mm2].rows)
+    # mm.2 is required although clip.cpp loads it as optional: its clip_n_mmproj_embd reads mm.2's width
+    # unchecked, so an mm.0-only file crashes libmtmd at load (SIGSEGV, measured), and its graph applies
+    # gelu after mm.0 anyway (docs/s2.md).
+    required[mm2] = (width, info.tensors[mm2].rows if mm2 in info.tensors else -1)
     for bid in range(int(info.get(S.BLOCK_COUNT))):
         for part in S.VISION_ATTN_PARTS:
             required[S.VISION_BLOCK.format(bid=bid, part=part, kind="weight")] = (d, d)
@@ -225,7 +227,8 @@ def _check_vision_tensors(info: GGUFInfo) -> int:
         swapped = down in info.tensors and tuple(info.tensors[down].dims) == (d, ff)
         required[up], required[down] = ((ff, d), (d, ff)) if swapped else ((d, ff), (ff, d))
     _require_tensors(info, required)
-    return info.tensors[mm2 if mm2 in info.tensors else mm0].rows
+    width = info.tensors[mm2].rows
+    return _s2_tensors(info, d, width) if S.S2_SCALES in info.kv else width
 
 
 def _require_tensors(info: GGUFInfo, required: dict[str, tuple[int, ...]]) -> None:
@@ -244,6 +247,33 @@ def _check_mllama_mmproj(info: GGUFInfo) -> int:
         if info.kv.get(key, (None,))[0] != vtype:
             raise info.fail(f"key {key} missing or not a {vtype.name}")
     return int(info.get(S.PROJECTION_DIM))
+
+
+def _s2_tensors(info: GGUFInfo, d: int, mtmd_width: int) -> int:
+    """An S2 mmproj (runtime/s2.py): sizes that cut into whole crops, libmtmd passing the tower's features
+    through, and the runtime's projector (f32/f16, read by numpy); returns its output width."""
+    scales = info.get(S.S2_SCALES)
+    size = int(info.get(S.IMAGE_SIZE))
+    if (info.kv[S.S2_SCALES][0] != V.ARRAY or not isinstance(scales, list) or not scales or scales[0] != size
+            or any(not isinstance(s, int) or s <= 0 or s % size or s > 16 * size for s in scales)
+            or scales != sorted(set(scales))):
+        raise info.fail(f"{S.S2_SCALES} {scales} must be increasing multiples of the image size {size}, "
+                        "starting with it")
+    if mtmd_width != d:
+        raise info.fail(f"an S2 mmproj's projector must pass the tower's {d} features through, not {mtmd_width}")
+    w0, w2 = (info.tensors.get(S.S2_PROJ_LAYER.format(idx=i, kind="weight")) for i in (0, 2))
+    if w0 is None or w2 is None:
+        raise info.fail("an S2 mmproj lacks its projector (s2.mm.0, s2.mm.2)")
+    n_embd = w2.rows
+    required: dict[str, tuple[int, ...]] = {}
+    for idx, shape in ((0, (d * len(scales), n_embd)), (2, (n_embd, n_embd))):
+        required[S.S2_PROJ_LAYER.format(idx=idx, kind="weight")] = shape
+        required[S.S2_PROJ_LAYER.format(idx=idx, kind="bias")] = (n_embd,)
+    _require_tensors(info, required)
+    for name in required:
+        if name in info.tensors and info.tensors[name].type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            raise info.fail(f"tensor {name} must be F32 or F16")
+    return n_embd
 
 
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:

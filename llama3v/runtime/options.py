@@ -40,6 +40,7 @@ class SessionOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides
     encode_cache_bytes: int = 256 << 20  # encoded tiles and frames kept for reuse
     parallel: int = 1  # conversations decoded together (slots), each with n_ctx positions of its own KV cache
+    chat_template: str | None = None  # a format name or template file instead of the GGUF's (docs/prompts.md)
 
     # Media (docs/high-resolution.md, docs/video.md).
     max_tiles: int | None = None  # None: the model's own behaviour, no slices

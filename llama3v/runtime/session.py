@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from llama3v import gguf_schema as S
+from llama3v.chat_formats import FORMATS, resolve
 from llama3v.errors import Llama3vError
-from llama3v.llama3_format import LLAMA3_TEMPLATE
 from llama3v.progress import Progress
 from llama3v.runtime import engine
 from llama3v.runtime.context import Context, Sampler, TextModel
@@ -60,6 +60,7 @@ class Result:
     n_encodes: int = 0
     media: list[MediaInfo] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    chat_template: str = ""  # which prompt format built the prompt (Session.template_name)
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -71,7 +72,7 @@ class Result:
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "n_prompt_tokens": self.n_prompt_tokens, "finish_reason": self.finish_reason,
                 "n_reused_tokens": self.n_reused, "n_encodes": self.n_encodes,
-                "media": [m.to_json() for m in self.media],
+                "media": [m.to_json() for m in self.media], "chat_template": self.chat_template,
                 "timings": self.timings,
                 "decode_tokens_per_s": self.timings.get("decode_tokens_per_s", 0.0)}
 
@@ -186,10 +187,19 @@ class Session:
                                          flash_attn=self.options.flash_attn)
         self.cache = EncodeCache(self.options.encode_cache_bytes)
         self.progress = progress
-        self.template = self.model.chat_template or LLAMA3_TEMPLATE
+        self.template_name, self.template = self._chat_template(self.options.chat_template)
         # Per slot: identities of the positions in its KV cache, in order.
         self._held: list[list] = [[] for _ in range(self.ctx.n_seq)]
         self._last_use, self._uses = [0] * self.ctx.n_seq, 0  # when each slot last began a generation
+
+    def _chat_template(self, override: str | None) -> tuple[str, str]:
+        """(name, template): `override` (a format name or file), else the GGUF's, else Llama-3's."""
+        if override:
+            chosen = resolve(override)
+            return chosen.name, chosen.template
+        if self.model.chat_template:
+            return self.model.chat_format or "gguf", self.model.chat_template
+        return "llama3 (the GGUF has no chat template)", FORMATS["llama3"].template
 
     def generate(self, prompt: str, images: list | tuple = (), videos: list | tuple = (),
                  system: str | None = None, media: list[tuple[str, object]] | None = None,
@@ -258,8 +268,7 @@ class Session:
                           slot, lambda tok: self.ctx.decode_tokens([tok], seq=slot))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
-        pieces, media = render(self.template, messages, self.model.bos_text, "<|eot_id|>",
-                               self.model.control_texts())
+        pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text)
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
         if self.cross is not None:
@@ -272,7 +281,7 @@ class Session:
         budget = o.max_video_tokens
         if videos and budget is None:
             # The context left after everything that is not a video row, the answer's room included.
-            fixed = sum(len(self.model.tokenize(p, type(p) is str)) for p in pieces if isinstance(p, str))
+            fixed = sum(len(self.model.tokenize_prompt(p)) for p in pieces if isinstance(p, str))
             fixed += sum(p.n if isinstance(p, Rows) else len(self.model.tokenize(p, False))
                          for parts in images.values() for p in parts)
             fixed += sum(len(self.model.tokenize(t, False)) for v in videos.values() for t in v.timestamp_texts)
@@ -283,14 +292,16 @@ class Session:
         runs: list[list[int] | Rows] = []
         for piece in pieces:
             parts: list[Part] = expanded[piece] if isinstance(piece, int) else [piece]
-            special = type(piece) is str  # the template's own text; never a user's (Plain) or a media item's
             for part in parts:
                 if isinstance(part, Rows):
                     runs.append(part)
-                elif runs and isinstance(runs[-1], list):
-                    runs[-1].extend(self.model.tokenize(part, special))
+                    continue
+                # The template's control tokens only (prompt.Text); a media item's text (separators, times) is plain.
+                ids = self.model.tokenize(part, False) if isinstance(piece, int) else self.model.tokenize_prompt(part)
+                if runs and isinstance(runs[-1], list):
+                    runs[-1].extend(ids)
                 else:
-                    runs.append(self.model.tokenize(part, special))
+                    runs.append(ids)
         prompt = _Prompt(runs)
         n = len(prompt.identities())
         n_media = sum(r.n for r in runs if isinstance(r, Rows))
@@ -313,7 +324,7 @@ class Session:
             images.append(MllamaImage(self.encoder.key(tiles), tiles, info))
         tokens: list[int] = []
         for piece in pieces:
-            tokens.extend([self.image_token] if isinstance(piece, int) else self.model.tokenize(piece))
+            tokens.extend([self.image_token] if isinstance(piece, int) else self.model.tokenize_prompt(piece))
         if not self.ctx.fits(len(tokens) + 1):  # the prompt and the answer's first token
             raise Llama3vError(f"the prompt needs {len(tokens)} positions but the context holds {self.ctx.n_ctx}: "
                                "raise --n-ctx or shorten the prompt")
@@ -363,6 +374,7 @@ class Session:
             gen.result = Result(text=text, tokens=tokens, prompt_tokens=prompt.token_view(), finish_reason=finish,
                                 timings=timings, n_reused=keep, media=media_info,
                                 logprobs=list(gen.logprobs) if logprobs is not None else None,
+                                chat_template=self.template_name,
                                 n_encodes=(self.encoder.n_encodes if self.encoder else 0) - encodes_before)
         finally:
             sampler.close()

@@ -54,6 +54,7 @@ class TinySpec:
     vocab: str = "tiny"  # tiny | llama3
     preprocess_pad: bool = False
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT: (height, width) grids
+    s2_scales: tuple[int, ...] | None = None  # Bunny v1.1's S2 tower (original layouts): image sizes
     seed: int = 0
     weight_scale: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -93,7 +94,7 @@ def build_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
     w["vision.post_layernorm.weight"], w["vision.post_layernorm.bias"] = vec(d, 1.0), vec(d)
 
     h = spec.text_hidden
-    w["projector.linear_1.weight"] = lin(h, d, 1.0)
+    w["projector.linear_1.weight"] = lin(h, d * len(spec.s2_scales or (0,)), 1.0)
     w["projector.linear_1.bias"] = vec(h)
     if spec.projector == "mlp2x_gelu":
         w["projector.linear_2.weight"], w["projector.linear_2.bias"] = lin(h, h, 1.5), vec(h)
@@ -205,6 +206,9 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
         if pinpoints:
             config.update(image_aspect_ratio="anyres", image_grid_pinpoints=pinpoints,
                           mm_patch_merge_type="spatial_unpad")
+        if spec.s2_scales:
+            config.update(use_s2=True, s2_scales=",".join(map(str, spec.s2_scales)),
+                          mm_hidden_size=spec.vision_hidden * len(spec.s2_scales))
         tower_dir = out / TOWER_DIR
         tower_dir.mkdir(exist_ok=True)
         _write_json(tower_dir / "config.json", vision_cfg)
