@@ -55,12 +55,6 @@ def _one_line_error(r: subprocess.CompletedProcess) -> str:
 
 # --- a server started with the limits under test --------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, base: str, port: int, tmpdir: Path, outside: Path, media_root: Path):
         self.base, self.port, self.tmpdir, self.outside, self.media_root = base, port, tmpdir, outside, media_root
@@ -85,46 +79,30 @@ class Server:
 
 
 @contextlib.contextmanager
-def _serving(built, tmp_path_factory, picture, motion_video, *flags: str) -> Iterator[Server]:
+def _serving(built, running_server, tmp_path_factory, picture, motion_video, *flags: str) -> Iterator[Server]:
     tmpdir = tmp_path_factory.mktemp("server-tmp")  # the server's TMPDIR: its uploads land here
     media_root = tmp_path_factory.mktemp("media")
     (media_root / "picture.png").write_bytes(picture.read_bytes())
     outside = tmp_path_factory.mktemp("outside")  # a folder requests may not read
     shutil.copy(motion_video, outside / "victim.mp4")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "serve", "--model", str(built.model), "--mmproj",
-                             str(built.mmproj), "--port", str(port), "--max-body-mb", "2", "--allowed-root",
-                             str(media_root), "--n-ctx", "32768", "-q", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TMPDIR": str(tmpdir)})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"server did not start: {proc.stdout.read()}")
-        yield Server(base, port, tmpdir, outside, media_root)
-    finally:
-        proc.kill()
-        proc.wait(timeout=20)
+    with running_server(built, "--max-body-mb", "2", "--allowed-root", str(media_root), "--n-ctx", "32768", *flags,
+                        env={**os.environ, "TMPDIR": str(tmpdir)}) as base:
+        yield Server(base, int(base.rsplit(":", 1)[1]), tmpdir, outside, media_root)
 
 
 @pytest.fixture(scope="module")
-def server(built, tmp_path_factory, motion_video, picture):
+def server(built, running_server, tmp_path_factory, motion_video, picture):
     """One place in the queue, short header deadline, one extra Host name."""
-    with _serving(built, tmp_path_factory, picture, motion_video, "--max-queue", "1", "--header-timeout", "2",
-                  "--allowed-host", "llama3v.example") as s:
+    with _serving(built, running_server, tmp_path_factory, picture, motion_video, "--max-queue", "1",
+                  "--header-timeout", "2", "--allowed-host", "llama3v.example") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def remote_server(built, tmp_path_factory, motion_video, picture):
+def remote_server(built, running_server, tmp_path_factory, motion_video, picture):
     """Remote media allowed, each fetch within 3 s."""
-    with _serving(built, tmp_path_factory, picture, motion_video, "--allow-remote", "--fetch-timeout", "3") as s:
+    with _serving(built, running_server, tmp_path_factory, picture, motion_video, "--allow-remote",
+                  "--fetch-timeout", "3") as s:
         yield s
 
 
