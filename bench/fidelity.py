@@ -13,10 +13,10 @@ from pathlib import Path
 from llama3v.converters.convert import convert
 from llama3v.evaluation.parity import embedding_parity, generation_parity
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 TOWERS = {
     "CLIP quick_gelu, 3 blocks, layer -2": TinySpec(vision_hidden=64, vision_heads=4, vision_ff=160, text_hidden=96,

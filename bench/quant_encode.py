@@ -1,4 +1,4 @@
-"""Encode time per mmproj type, as DESIGN's benchmark rule asks: paired, interleaved rounds after a warm-up.
+"""Encode time per mmproj type, as docs/benchmarks.md measures: paired, interleaved rounds after a warm-up.
 
 Usage: .venv/bin/python bench/quant_encode.py DIR [--types f32,f16,q8_0,...] [--rounds 5] [--threads N]
 DIR holds mmproj-<type>.gguf files (e.g. a quant-report's OUTDIR/gguf). Each round encodes one drawn

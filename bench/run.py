@@ -1,14 +1,19 @@
 """`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
 
-    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video] [--threads 1,2]
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,s2,mllama] [--threads 1,2]
 
 Models (random weights, real shapes; built once and cached under the llama3v cache):
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
   siglip    SigLIP-so400m-384 tower + mlp2x projector to 2048
+  bunny-s2  Bunny v1.1's S2 tower: SigLIP-so400m-384 (feature layer -2) at 384/768/1152 (14 passes), the
+            mlp2x projector from 3456 to 4096
   llava-1b  CLIP ViT-L/14-336 + projector to 2048 + a Llama-3.2-1B-shaped decoder (real Llama-3 vocabulary),
-            the decoder in f16 and q4_k_m
+            the decoder in f16 and q4_k_m (`parallel`: 1, 2 and 4 clients at once on each decoder)
+  mllama    a small Llama-3.2-Vision: 560-pixel tiles (4 x 1601 cross-attention rows per image, as the 11B
+            model's) through a narrow 3-layer encoder, and a 1024-wide 10-layer f16 decoder whose layers 3 and 8
+            cross-attend (one in five, as the 11B model's)
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
-interleaved runs (A B A B ... after a warm-up): medians with min and max (DESIGN.md, benchmarks).
+interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
 """
 
@@ -33,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from llama3v.paths import cache_dir  # noqa: E402
+from llama3v.paths import TEST_MEDIA, cache_dir  # noqa: E402
 
 VITL = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336, patch_size=14)
 SIGLIP = dict(vision="siglip", vision_hidden=1152, vision_heads=16, vision_layers=27, vision_ff=4304, image_size=384,
@@ -45,25 +50,41 @@ QUESTION = ("Look at the picture carefully and tell me, in a few words, which ob
             "what colours they have, and where they are placed.")  # about 32 tokens with the image marker
 
 
+MLLAMA = dict(vision_hidden=32, vision_heads=2, vision_layers=2, global_layers=1, vision_ff=64,
+              intermediate_layers=(0,), image_size=560, patch_size=14, text_hidden=1024, text_heads=16,
+              text_kv_heads=4, text_layers=10, text_ff=4096, cross_layers=(3, 8))
+
+
 def build(name: str) -> Path:
     """The cached GGUF directory of a bench model (built on first use)."""
     from llama3v.converters.convert import convert
-    from llama3v.models.factory import TinySpec, make_checkpoint
+    from llama3v.testing.factory import TinySpec, make_checkpoint
 
     root = cache_dir() / "bench" / name
     out = root / "gguf"
     marker = out / "complete"
     if marker.exists():
         return out
+    if name == "mllama":
+        from llama3v.testing.mllama_factory import TinyMllamaSpec, make_mllama_checkpoint
+
+        print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
+        make_mllama_checkpoint(root / "ckpt", TinyMllamaSpec(**MLLAMA))
+        convert(root / "ckpt", out, "f16", "f32", force=True)
+        marker.write_text("ok")
+        return out
     spec = {"vitl336": TinySpec(**VITL, text_hidden=4096, **SMALL_TEXT),
             "siglip": TinySpec(**SIGLIP, text_hidden=2048, **SMALL_TEXT),
+            "bunny-s2": TinySpec(**{**SIGLIP, "feature_layer": -2}, text_hidden=4096, **SMALL_TEXT,
+                                 s2_scales=(384, 768, 1152), preprocess_pad=True),
             "llava-1b": TinySpec(**VITL, **LLAMA_1B, weight_scale=0.5)}[name]
     print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
-    make_checkpoint(root / "ckpt", spec, "hf-5", dtype="f16" if name == "llava-1b" else "f32")
+    layout = "original" if spec.s2_scales else "hf-5"  # S2 exists only in Bunny's (original) layout
+    make_checkpoint(root / "ckpt", spec, layout, dtype="f16" if name == "llava-1b" else "f32")
     convert(root / "ckpt", out, "f16" if name == "llava-1b" else "f32", "f32" if name != "llava-1b" else "f16",
             force=True)
     if name == "llava-1b":
-        from llama3v.runtime.llm_quantize import quantize_llm
+        from llama3v.quant.llm import quantize_llm
 
         quantize_llm(out / "model-f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m", force=True)
     marker.write_text("ok")
@@ -72,7 +93,7 @@ def build(name: str) -> Path:
 
 def mmproj(out: Path, mtype: str) -> Path:
     """The bench model's mmproj in `mtype`, requantized from its f32 or f16 one on first use."""
-    from llama3v.converters.requantize import requantize_mmproj
+    from llama3v.quant.requantize import requantize_mmproj
 
     path = out / f"mmproj-{mtype}.gguf"
     if not path.exists():
@@ -107,7 +128,7 @@ def ratio(a: list[float], b: list[float]) -> dict:
 
 
 def _image() -> Path:
-    photo = ROOT.parent / "shared" / "testdata" / "photo.jpeg"
+    photo = TEST_MEDIA / "photo.jpeg"
     if photo.is_file():
         return photo
     from llama3v.evaluation.scenes import scene
@@ -251,13 +272,142 @@ def section_decode(threads: int, rounds: int, model_type: str) -> dict:
     return res
 
 
+def section_mllama(threads: int, rounds: int) -> dict:
+    """mllama: decode tokens/s with an image attached (cross-attention K/V read from the cache) and without,
+    paired; the image's encode and cross-state times."""
+    from llama3v.evaluation.scenes import scene
+    from llama3v.runtime.session import Session
+
+    out = build("mllama")
+    n = 64
+    session = Session(out / "model-f16.gguf", out / "mmproj-f32.gguf", n_ctx=1024, n_threads=threads)
+    ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
+    image = scene(1, 1120, 1120)  # a 2 x 2 grid: 4 real tiles
+    first = session.generate(QUESTION, images=[image], max_tokens=1, temperature=0).wait()
+
+    def rate(images: list) -> float:
+        # Same prompt each round: the image stays attached and the prefix is reused, only decoding is timed.
+        return session.generate(QUESTION, images=images, max_tokens=n, temperature=0, logit_bias=ban).wait() \
+            .timings["decode_tokens_per_s"]
+
+    rates: dict[str, list[float]] = {"with image": [], "text only": []}
+    rate([image]), rate([])
+    for _ in range(rounds):
+        rates["with image"].append(rate([image]))
+        rates["text only"].append(rate([]))
+    res = {k: summary(v, 1.0) for k, v in rates.items()}
+    res["with image / text only"] = ratio(rates["with image"], rates["text only"])
+    tiles = first.media[0].n_tiles
+    res[f"encode ms ({tiles} tiles, once)"] = summary([first.media[0].encode_ms / 1e3])
+    res[f"cross-state ms ({tiles} tiles, once)"] = summary([first.timings["cross_states_ms"] / 1e3])
+    return res
+
+
+PARALLEL_CLIENTS = (1, 2, 4)
+PARALLEL_ANSWER = 32  # tokens per answer
+PARALLEL_REQUESTS = 2  # questions each client asks, one after another
+
+
+def section_parallel(threads: int, rounds: int, model_type: str) -> dict:
+    """`serve --parallel 4` without HTTP: 1, 2 and 4 clients at once, each asking two text questions in turn
+    (each its own, of different lengths) through the server's worker: aggregate tokens/s end to end (all answers'
+    tokens over the wall time), aggregate decode tokens/s (the same tokens over the wall time less every request's
+    encode and prompt time: the worker decodes nothing else meanwhile) and time to first token.
+    Also the KV cache's resident memory per slot, from the process's RSS around contexts of 1 and 4 slots."""
+    import threading
+
+    from llama3v.runtime.context import Context
+    from llama3v.runtime.server import Job, ServerConfig, Worker
+    from llama3v.runtime.session import Session
+
+    model = build("llava-1b") / f"model-{model_type}.gguf"
+    res: dict = {}
+    n_ctx = 4096  # the default context per slot, for the memory figure
+    session = Session(model, None, n_ctx=1024, n_threads=threads, parallel=max(PARALLEL_CLIENTS))
+    rss = {}
+    for n_seq in (1, 4):
+        before = _rss_bytes()
+        ctx = Context(session.model, n_ctx=n_ctx, n_seq=n_seq, n_threads=threads)
+        rss[n_seq] = _rss_bytes() - before
+        ctx.close()
+    res["kv_mib_per_slot"] = {f"n_ctx {n_ctx}, f16 KV": (rss[4] - rss[1]) / 3 / 2**20,
+                              "context of 1 slot": rss[1] / 2**20, "context of 4 slots": rss[4] / 2**20}
+    worker = Worker(session, ServerConfig())
+    ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
+
+    def client(k: int, ttft: list[float], prefill: list[float]) -> int:
+        tokens = 0
+        for j in range(PARALLEL_REQUESTS):
+            question = f"Client {k}, question {j}: " + QUESTION[:40 + 30 * ((k + j) % 4)]
+            done, first = threading.Event(), []
+            t0 = time.perf_counter()
+
+            def push(event: tuple, done: threading.Event = done, first: list = first) -> None:
+                if event[0] == "piece" and not first:
+                    first.append(time.perf_counter())
+                elif event[0] in ("done", "error"):
+                    first.append(event)
+                    done.set()
+
+            worker.submit(Job(messages=[{"role": "user", "content": question}], push=push, ticket=worker.admit(0),
+                              options={"max_tokens": PARALLEL_ANSWER, "temperature": 0, "logit_bias": ban}))
+            done.wait()
+            assert first[-1][0] == "done", first[-1]
+            ttft.append(first[0] - t0)
+            result = first[-1][1]
+            tokens += len(result.tokens)
+            prefill.append((result.timings["encode_ms"] + result.timings["prompt_ms"]) / 1e3)
+        return tokens
+
+    def wave(n: int) -> tuple[float, float, int, list[float]]:
+        """Seconds, seconds of prefill (the worker decodes nothing else meanwhile), tokens, times to first token."""
+        ttft: list[float] = []
+        prefill: list[float] = []
+        counts = [0] * n
+        threads_ = [threading.Thread(target=lambda k=k: counts.__setitem__(k, client(k, ttft, prefill)))
+                    for k in range(n)]
+        t0 = time.perf_counter()
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        return time.perf_counter() - t0, sum(prefill), sum(counts), ttft
+
+    for n in PARALLEL_CLIENTS:  # warm-up
+        wave(n)
+    rates: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    decode: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    ttfts: dict[int, list[float]] = {n: [] for n in PARALLEL_CLIENTS}
+    for _ in range(rounds):
+        for n in PARALLEL_CLIENTS:
+            seconds, prefill, tokens, ttft = wave(n)
+            rates[n].append(tokens / seconds)
+            decode[n].append(tokens / (seconds - prefill))
+            ttfts[n].extend(ttft)
+    worker.stop()
+    for n in PARALLEL_CLIENTS:
+        res[f"{n} clients tokens/s end to end"] = summary(rates[n], 1.0)
+        res[f"{n} clients decode tokens/s"] = summary(decode[n], 1.0)
+        res[f"{n} clients / 1 client decode tokens/s"] = ratio(decode[n], decode[1])
+        cut = statistics.quantiles(ttfts[n], n=20, method="inclusive")
+        res[f"{n} clients ttft ms"] = {**summary(ttfts[n]), "p50": statistics.median(ttfts[n]) * 1e3,
+                                       "p95": cut[18] * 1e3}
+        res[f"{n} clients / 1 client tokens/s end to end"] = ratio(rates[n], rates[1])
+    return res
+
+
+def _rss_bytes() -> int:
+    """The process's resident memory now (not the peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def section_video(threads: int, rounds: int) -> dict:
     """Video end to end (decode, sample, budget, encode) on the H.264 test clip or a made one."""
     from llama3v.runtime.encoder import VisionEncoder
     from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
     from llama3v.runtime.video import Sampling, VideoReader
 
-    clip = ROOT.parent / "shared" / "testdata" / "clip.mp4"
+    clip = TEST_MEDIA / "clip.mp4"
     if not clip.is_file():
         sys.path.insert(0, str(ROOT / "bench"))
         from video import make_clip
@@ -284,12 +434,39 @@ def section_video(threads: int, rounds: int) -> dict:
         f"rows within a {budget}-token budget": rows_after}}
 
 
+def section_s2(threads: int, rounds: int) -> dict:
+    """Bunny v1.1's S2 encode of one image (14 tower passes at 384/768/1152, merge, pooling, projector):
+    llama3v (libmtmd per crop + numpy) against the PyTorch reference (the 14 crops as one batch)."""
+    import torch
+
+    from llama3v.models.llava import LlavaReference
+    from llama3v.runtime.encoder import VisionEncoder
+    from llama3v.runtime.image_processing import load_image, prepare_tile
+    from llama3v.runtime.media import EncodeCache, image_parts
+
+    torch.set_num_threads(threads)
+    out = build("bunny-s2")
+    reference = LlavaReference.from_checkpoint(out.parent / "ckpt")
+    image = _image()
+    encoder = VisionEncoder(mmproj(out, "q8_0"), n_threads=threads)
+    tile = prepare_tile(load_image(image), encoder.spec)
+    # One encode is 14 tower passes (minutes here): no warm-up round (the first call's setup is well under 1% of
+    # it) and at most two paired rounds, so the suite stays usable.
+    times = paired({"llama3v q8_0": lambda: image_parts(image, 0, encoder, EncodeCache())[0].data(),
+                    "torch fp32": lambda: reference.encode_tiles(tile[None])}, min(rounds, 2), warmup=0)
+    res = {k: summary(v) for k, v in times.items()}
+    res["llama3v q8_0 / torch fp32"] = ratio(times["llama3v q8_0"], times["torch fp32"])
+    return res
+
+
 # What each section measures at 2 threads and at 1 (TTFT with the q4_k_m decoder only, 1 thread: the encode and
 # decode scaling only, so that the suite stays near 15 minutes here).
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
-        ("video", 2): ("",), ("encode", 1): ("vitl336",), ("ttft", 1): (), ("decode", 1): ("q4_k_m",),
-        ("video", 1): ()}
-SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video}
+        ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("s2", 2): ("",), ("encode", 1): ("vitl336",),
+        ("ttft", 1): (), ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): (), ("s2", 1): (),
+        ("mllama", 2): ("",), ("mllama", 1): ()}
+SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
+            "parallel": section_parallel, "s2": section_s2, "mllama": section_mllama}
 
 
 def environment() -> dict:
@@ -325,7 +502,7 @@ def child(name: str, threads: int, rounds: int, extra: str) -> None:
     from llama3v.runtime import engine
 
     engine.libs()
-    args = (threads, rounds) + ((extra,) if name in ("encode", "ttft", "decode") else ())
+    args = (threads, rounds) + ((extra,) if name in ("encode", "ttft", "decode", "parallel") else ())
     results = SECTIONS[name](*args)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results))
@@ -335,6 +512,8 @@ def _print(res: dict, path: str = "") -> None:
     """One line per measurement: median (min, max) and any extra figures."""
     for name, value in res.items():
         if not isinstance(value, dict):
+            if path:  # a figure inside a group (top-level scalars are the section's RSS and wall time)
+                print(f"- {path}{name}: {value:.4g}")
             continue
         if "median" in value:
             extra = "".join(f", {k} {v:.4g}" for k, v in value.items() if k not in ("median", "min", "max", "n"))
@@ -347,7 +526,7 @@ def _print(res: dict, path: str = "") -> None:
 def main() -> None:
     """Run the suite, print the tables, append the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="encode,ttft,decode,video")
+    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,s2,mllama")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")

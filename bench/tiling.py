@@ -14,10 +14,10 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.paths import cache_dir
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import EncodeCache, Rows, image_parts
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 VIT_L_336 = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_ff=4096, image_size=336,
                  patch_size=14, text_hidden=4096, text_heads=32, text_kv_heads=8, text_layers=1, text_ff=256)
@@ -66,10 +66,10 @@ def main() -> None:
             if isinstance(p, Rows):
                 p.data()
         total = (time.perf_counter() - t0) * 1e3
-        meta = next(p for p in parts if isinstance(p, Rows)).meta
-        per_tile = sorted(meta["tile_encode_ms"])[len(meta["tile_encode_ms"]) // 2]
+        info = next(p for p in parts if isinstance(p, Rows)).info
+        per_tile = sorted(info.tile_encode_ms)[len(info.tile_encode_ms) // 2]
         seps = [p for p in parts if isinstance(p, str)]
-        print(f"| {name} | {meta['n_tiles']} | {meta['grid'][0]} x {meta['grid'][1]} | "
+        print(f"| {name} | {info.n_tiles} | {info.grid[0]} x {info.grid[1]} | "
               f"{sum(p.n for p in parts if isinstance(p, Rows))} | {len(seps)} | {per_tile:.0f} | {total:.0f} |")
 
 

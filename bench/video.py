@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/video.py [--seconds 20] [--repeats 5]
 Makes (once, cached under the llama3v cache) a 1080p and a 480p mp4v clip at 30 fps: a textured
-still background, a moving disc and a frame counter; adds ../shared/testdata/clip.mp4 (real H.264
+still background, a moving disc and a frame counter; adds tests/data/clip.mp4 (real H.264
 footage) where present. Prints Markdown tables:
   - throughput: clip seconds decoded and sampled per wall second (x real time) for each sampling
     and read mode, median of interleaved runs (mode A B C A B C ...) after a warm-up, with min and max;
@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from llama3v.paths import cache_dir
+from llama3v.paths import TEST_MEDIA, cache_dir
 from llama3v.runtime.image_processing import ImageSpec, prepare_tile
 from llama3v.runtime.video import Limits, Sampling, VideoReader, read_video
 from llama3v.runtime.video_budget import default_budget, plan_budget
@@ -183,7 +183,7 @@ def main() -> None:
     root = cache_dir() / "bench" / "video"
     root.mkdir(parents=True, exist_ok=True)
     clips = {k: make_clip(root / f"{k}-{args.seconds}s.mp4", size, args.seconds) for k, size in CLIPS.items()}
-    real = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "clip.mp4"
+    real = TEST_MEDIA / "clip.mp4"
     if real.is_file():  # real footage (H.264, 720x358, 10 s): sensor noise, a long GOP
         clips["clip.mp4"] = real
     print(f"{cpu()}; OpenCV {cv2.__version__} (FFmpeg backend), {cv2.getNumThreads()} OpenCV threads; "

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 # when the first OpenMP library loads, which may be torch's, so it is set as early as llama3v loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from llama3v.errors import Llama3vError
+from llama3v.errors import Llama3vError, Llama3vWarning
 
 if TYPE_CHECKING:
     from llama3v.runtime.session import Session
 
 __version__ = "0.1.0"
-__all__ = ["Llama3vError", "load", "__version__"]
+__all__ = ["Llama3vError", "Llama3vWarning", "load", "__version__"]
 
 
 def load(model_path: str, mmproj_path: str | None = None, **options: object) -> Session:

@@ -15,7 +15,7 @@ from pathlib import Path
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` if the block succeeds and is deleted if not."""
-    _remove_stale_partials(path)
+    remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield tmp
@@ -27,15 +27,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise
 
 
-def _remove_stale_partials(path: Path) -> None:
+def remove_stale_partials(path: Path) -> None:
     """Delete temporary files a killed writer (kill -9, power loss) left beside `path`."""
     for old in path.parent.glob(f".{path.name}.*.partial"):
         pid = old.name[len(path.name) + 2:-len(".partial")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             old.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,9 +1,13 @@
-"""Where llama3v keeps what it builds: engine wheels, the llama-cpp-python sdist, demo models."""
+"""Where llama3v keeps what it builds (engine wheels, the llama-cpp-python sdist, demo models) and its test media."""
 
 import os
 from pathlib import Path
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the pinned engine (pyproject.toml, scripts/build_engine.sh)
+# The pinned engine, for Python. pyproject.toml pins the same for pip and scripts/build_engine.sh reads it from
+# there; tests/test_engine.py checks that all three agree with the installed engine.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# Real media for tests, the demo and the benchmarks (tests/data/README.md): present in a checkout, not in a wheel.
+TEST_MEDIA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def cache_dir() -> Path:

@@ -7,8 +7,10 @@
 # the same machine reuses. ccache makes a rebuild with a changed patch take seconds.
 set -euo pipefail
 
-VERSION=0.3.36
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# The version pyproject.toml pins (llama3v/paths.py holds it for Python; tests/test_engine.py checks they agree).
+VERSION=$(sed -n 's/^ *"llama-cpp-python==\([0-9][0-9.]*\)",.*$/\1/p' "$ROOT/pyproject.toml")
+[ -n "$VERSION" ] || { echo "pyproject.toml pins no llama-cpp-python==VERSION" >&2; exit 1; }
 CACHE=${LLAMA3V_CACHE:-$HOME/.cache/llama3v}
 PYTHON=${PYTHON:-python3}
 

@@ -17,3 +17,14 @@ if [ ! -f .venv/.installed ] || [ "$(cat .venv/.installed)" != "$wheel $(sha256s
     .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "$wheel"
     echo "$wheel $(sha256sum pyproject.toml)" > .venv/.installed
 fi
+# The chat page's browser test (tests/test_web_page.py) drives Debian's Chromium through chromedriver and
+# skips without them: install them where we can, say how where we cannot. Nothing to do when present.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+            >/dev/null) || echo "setup: could not install chromium; the browser test will skip" >&2
+    else
+        echo "setup: no chromium/chromedriver, so the browser test will skip; install them" \
+            "(Debian/Ubuntu: sudo apt-get install chromium chromium-driver)" >&2
+    fi
+fi

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +15,8 @@ import pytest
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
-
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+from llama3v.paths import TEST_MEDIA
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 
 @dataclass
@@ -54,10 +59,19 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photo() -> Path:
-    """The real photo from ../shared/testdata (tests that need a real photograph)."""
-    path = TESTDATA / "photo.jpeg"
-    if not path.is_file():
-        pytest.skip(f"{TESTDATA} is absent (a checkout outside this team's machines)")
+    """The real 640x488 photo in tests/data (tests that need a real photograph)."""
+    return _media("photo.jpeg")
+
+
+@pytest.fixture(scope="session")
+def real_clip() -> Path:
+    """The real H.264 clip in tests/data (720x358, 240 frames)."""
+    return _media("clip.mp4")
+
+
+def _media(name: str) -> Path:
+    path = TEST_MEDIA / name
+    assert path.is_file(), f"{path} is part of the repository (tests/data/README.md)"
     return path
 
 
@@ -89,3 +103,42 @@ def motion_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
         writer.write(frame)
     writer.release()
     return path
+
+
+@pytest.fixture(scope="session")
+def running_server():
+    """A context manager that runs `llama3v serve`: with running_server(built, *args) as base_url."""
+    return _running_server
+
+
+@contextlib.contextmanager
+def _running_server(built: Built, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`llama3v serve` on the built model and a free loopback port, with extra `args` (and environment `env`);
+    yields its base URL."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "serve", "--model", str(built.model), "--mmproj",
+                             str(built.mmproj), "--port", str(port), "-q", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()}")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # a request stuck in llama.cpp: the test is over, end it
+            proc.kill()
+            proc.wait()

@@ -5,7 +5,13 @@ or a hang is a finding. A worker process runs cases one after another (starting 
 llama.cpp per case would make a 1000-case run take an hour); when it dies or hangs, the case is
 recorded, the input saved under the findings directory and a fresh worker started.
 
-    .venv/bin/python tests/fuzz_harness.py --cases 5000 [--kinds gguf-model,gguf-mmproj,image,video]
+    .venv/bin/python tests/fuzz_harness.py --cases 5000 [--kinds gguf-model,gguf-mmproj,image,video,values]
+
+Two kinds of mutation: byte edits of each file (hypothesis-driven), and, for the GGUFs (kind `values`),
+plausible wrong values per key: every metadata key of the valid files, plus keys llama.cpp reads that
+they lack, set to counts that are zero, off by one, doubled or huge, floats that are not finite, and
+strings that are other names or none llama.cpp knows; each file is rewritten with gguf-py, so the
+result is a well-formed GGUF whose only fault is that value.
 
 `tests/test_fuzz.py` runs a short version in `make test`; `make fuzz` the long one.
 """
@@ -17,6 +23,7 @@ import json
 import os
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,7 +36,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-KINDS = ("gguf-model", "gguf-mmproj", "image", "video")
+KINDS = ("gguf-model", "gguf-mmproj", "image", "video", "values")
 GOOD: dict[str, Path] = {}  # valid files the CLI cases pair a mutated file with
 CASE_TIMEOUT_S = 30.0
 EXTREMES = [0, 1, 2, 3, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
@@ -111,8 +118,9 @@ class Runner:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                      cwd=Path(__file__).resolve().parents[1])
 
-    def run(self, kind: str, data: bytes, suffix: str) -> str:
-        """Run one case; returns 'ok', 'error', 'unclean', 'signal' or 'hang'."""
+    def run(self, kind: str, data: bytes, suffix: str, label: str | None = None, note: str = "") -> str:
+        """Run one case (recorded under `label`, default `kind`, with `note` on a finding); returns 'ok',
+        'error', 'unclean', 'signal' or 'hang'."""
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
@@ -135,7 +143,7 @@ class Runner:
             else:
                 outcome = next(iter(json.loads(line)))
             detail = json.loads(line).get(outcome, "") if outcome == "unclean" else ""
-            self._record(kind, outcome, f.name, suffix, detail)
+            self._record(label or kind, outcome, f.name, suffix, f"{note} {detail}".strip())
             return outcome
         finally:
             os.unlink(f.name)
@@ -212,12 +220,93 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
     return bytes(b)
 
 
+# Keys llama.cpp reads that valid llama3v files do not carry, with the type they are written as.
+EXTRA_KEYS = {
+    "gguf-model": {"llama.expert_count": "UINT32", "llama.expert_used_count": "UINT32",
+                   "llama.expert_group_count": "UINT32", "llama.nextn_predict_layers": "UINT32",
+                   "llama.rope.scaling.type": "STRING", "llama.rope.scaling.factor": "FLOAT32",
+                   "llama.attention.key_length": "UINT32", "llama.attention.value_length": "UINT32"},
+    "gguf-mmproj": {"clip.vision.image_grid_pinpoints": "ARRAY", "clip.vision.mm_patch_merge_type": "STRING"},
+}
+NAMES = ["", "bogus", "none", "linear", "yarn", "longrope", "mlp", "ldp", "gpt2", "llama", "spm", "clip",
+         "spatial_unpad", "flat"]
+
+
+def plausible_wrong(value: object, vtype: str) -> list[object]:
+    """Values a careless or hostile writer might put in a key of this type instead of `value`."""
+    if vtype == "STRING":
+        return [n for n in NAMES if n != value]
+    if vtype == "BOOL":
+        return [not value]
+    if vtype.startswith("FLOAT"):
+        v = float(value or 1.0)
+        return [0.0, -v, 2 * v, 1e30, float("nan"), float("inf"), -float("inf")]
+    if vtype == "ARRAY":
+        items = list(value or [336, 672])
+        return [[], items[:-1], items + items[-1:], [0] * len(items), [7] * len(items), [112000, 112000],
+                [-1] * len(items)]
+    v = int(value or 1)
+    signed = vtype.startswith("INT")
+    bits = int(vtype.removeprefix("U").removeprefix("INT"))
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    out = {0, 1, 2, 3, 7, v - 1, v + 1, 2 * v, v // 2, 100 * v, 600, 100000, 1 << 31, hi, -1}
+    return sorted(x for x in out if lo <= x <= hi and x != v)
+
+
+def value_cases(path: Path, kind: str) -> list[tuple[str, str, object]]:
+    """(key, type name, wrong value) for every scalar or small-array key of a GGUF and the extra keys."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    keys: dict[str, tuple[str, object]] = {}
+    for name, fld in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.alignment":
+            continue
+        vtype = GGUFValueType(fld.types[0])
+        if vtype == GGUFValueType.ARRAY and (len(fld.data) > 16 or fld.types[-1] == GGUFValueType.STRING):
+            continue
+        keys[name] = (vtype.name, fld.contents())
+    for name, vtype in EXTRA_KEYS[kind].items():
+        keys.setdefault(name, (vtype, None))
+    return [(name, vtype, wrong) for name, (vtype, value) in keys.items() for wrong in plausible_wrong(value, vtype)]
+
+
+def with_value(path: Path, key: str, vtype: str, value: object, out: Path) -> bytes:
+    """The GGUF at `path` rewritten with `key` set to `value` (typed `vtype`), everything else kept."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(path)
+    fields = {name: (GGUFValueType(f.types[0]), f.contents(), GGUFValueType(f.types[-1]) if len(f.types) > 1
+                     else None) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    sub = GGUFValueType.INT32 if vtype == "ARRAY" and all(isinstance(v, int) for v in value) else \
+        GGUFValueType.FLOAT32 if vtype == "ARRAY" else None
+    if key in fields and vtype == "ARRAY":
+        sub = fields[key][2] if value and all(isinstance(v, int) for v in value) else sub
+    fields[key] = (GGUFValueType[vtype], value, sub)
+    arch = fields.pop("general.architecture")[1]
+    writer = GGUFWriter(out, arch)
+    for name, (t, v, s) in fields.items():
+        if name == "general.alignment":
+            continue
+        if t == GGUFValueType.ARRAY and s in (GGUFValueType.UINT32, GGUFValueType.UINT64):
+            v = [x & 0xFFFFFFFF for x in v]  # a negative value read back as a huge one
+        writer.add_key_value(name, v, t, sub_type=s)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])),
+                          raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out.read_bytes()
+
+
 def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
     """Valid inputs per kind: (bytes, suffix, size of the region worth aiming at)."""
     from llama3v.converters.convert import convert
     from llama3v.evaluation.scenes import scene
     from llama3v.gguf_header import read_gguf
-    from llama3v.models.factory import TinySpec, make_checkpoint
+    from llama3v.testing.factory import TinySpec, make_checkpoint
 
     ckpt = make_checkpoint(workdir / "ckpt", TinySpec(vision_layers=1, feature_layer=-1, text_layers=1), "hf-5")
     model, mmproj = convert(ckpt, workdir / "gguf", "f16", "f16", force=True)
@@ -230,7 +319,7 @@ def seeds(workdir: Path) -> dict[str, tuple[bytes, str, int]]:
         info = read_gguf(path)
         return min(t.offset for t in info.tensors.values())
 
-    GOOD.update(mmproj=mmproj, image=workdir / "scene.png")
+    GOOD.update(mmproj=mmproj, image=workdir / "scene.png", model=model)
     return {
         "gguf-model": (model.read_bytes(), ".gguf", header_size(model)),
         "gguf-mmproj": (mmproj.read_bytes(), ".gguf", header_size(mmproj)),
@@ -268,6 +357,8 @@ def fuzz(n_cases: int, kinds: tuple[str, ...], workdir: Path, findings: Path, cl
     inputs = seeds(workdir)
     runner = Runner(findings, GOOD, cli_every)
     try:
+        if "values" in kinds:
+            _value_run(runner, workdir, n_cases)
         for name, (data, suffix, header) in inputs.items():
             kind = name.split("-")[0] if name.startswith(("image", "video")) else name
             if kind not in kinds:
@@ -280,6 +371,23 @@ def fuzz(n_cases: int, kinds: tuple[str, ...], workdir: Path, findings: Path, cl
     finally:
         runner.close()
     return runner.outcomes
+
+
+def _value_run(runner: Runner, workdir: Path, n_cases: int) -> None:
+    """Up to `n_cases` value mutations, spread evenly over both GGUFs' keys and wrong values."""
+    started = time.monotonic()
+    for kind in ("gguf-model", "gguf-mmproj"):
+        good = GOOD[kind.removeprefix("gguf-")]
+        cases = value_cases(good, kind)
+        step = max(1, len(cases) // max(1, n_cases // 2))
+        for key, vtype, value in cases[::step]:
+            try:
+                data = with_value(good, key, vtype, value, workdir / "value.gguf")
+            except (ValueError, TypeError, OverflowError, struct.error):  # gguf-py cannot write that value
+                continue
+            runner.run(kind, data, ".gguf", label="values-" + kind.removeprefix("gguf-"), note=f"{key}={value!r}")
+    print(f"values: {sum(n for (k, _), n in runner.outcomes.counts.items() if k.startswith('values'))} cases in "
+          f"{time.monotonic() - started:.0f} s", file=sys.stderr)
 
 
 def main() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import TinySpec
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 OTHER_WIDTH = TinySpec(seed=2, text_hidden=96, text_heads=6, text_kv_heads=2)

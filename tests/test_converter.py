@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration
 
 from llama3v.converters.convert import convert
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import LAYOUTS, TinySpec, make_checkpoint
+from llama3v.testing.factory import LAYOUTS, TinySpec, make_checkpoint
 
 SPEC = TinySpec(vision_layers=3, feature_layer=-2, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 64})
 
@@ -220,8 +220,8 @@ def test_linear_projector_is_expressed_exactly(tmp_path):
 
 
 def _drop_tensor(ckpt, name):
-    from llama3v.converters.checkpoint import open_checkpoint
-    from llama3v.models.factory import write_safetensors
+    from llama3v.hf.checkpoint import open_checkpoint
+    from llama3v.testing.factory import write_safetensors
 
     c = open_checkpoint(ckpt)
     tensors = {n: c.get(n) for n in c.shapes if n != name}
@@ -275,18 +275,18 @@ def test_failure_mid_write_leaves_the_destination_untouched(tmp_path, tiny, monk
     convert(built.ckpt, out, "f32", "f32")
     before = (out / "model-f32.gguf").read_bytes()
 
-    from llama3v.converters import writer
+    from gguf import GGUFWriter
 
-    real_encode = writer.encode
+    real_write = GGUFWriter.write_tensor_data
     calls = {"n": 0}
 
-    def failing_encode(data, qtype):
+    def failing_write(self, tensor, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_encode(data, qtype)
+        return real_write(self, tensor, *args, **kwargs)
 
-    monkeypatch.setattr(writer, "encode", failing_encode)
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", failing_write)
     with pytest.raises(KeyboardInterrupt):
         convert(built.ckpt, out, "f32", "f32", force=True)
     assert (out / "model-f32.gguf").read_bytes() == before

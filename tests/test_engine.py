@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-import pytest
+from llama3v.paths import LLAMA_CPP_PYTHON_VERSION
+from llama3v.testing.factory import TinySpec
 
-from llama3v.models.factory import TinySpec
+ROOT = Path(__file__).resolve().parents[1]
 
 # Widths that are multiples of 32 put the q8_0 matrices in ggml's AMX buffers on AMX CPUs.
 Q8_TOWER = TinySpec(vision_hidden=64, vision_heads=4, vision_ff=160, vision_act="gelu", text_hidden=96,
@@ -28,16 +31,25 @@ print(float(np.abs(encoder.encode(tile) - first).max()))
 """
 
 
-def _has_amx() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and " amx_int8" in cpuinfo.read_text()
-
-
-@pytest.mark.skipif(not _has_amx(), reason="this CPU has no AMX: ggml's AMX path is not built")
 def test_amx_matmul_survives_pytorch_bf16_on_the_same_thread(tiny):
-    """Patch 0004: a PyTorch bf16 matmul between two AMX encodes used to leave ggml's tiles unconfigured (SIGILL)."""
+    """Patch 0004: a PyTorch bf16 matmul between two AMX encodes used to leave ggml's tiles unconfigured (SIGILL).
+
+    On a CPU without AMX ggml takes its other q8_0 kernels; the two encodes must agree there too."""
     mmproj = tiny(Q8_TOWER, "hf-5", "q8_0").mmproj
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(mmproj)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert float(r.stdout.strip().splitlines()[-1]) == 0.0, "the same tile encodes to the same rows"
+
+
+def test_the_engine_version_is_one_fact():
+    """paths.py, pyproject.toml's pin, what scripts/build_engine.sh builds and the installed engine agree."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}" in deps
+    script = (ROOT / "scripts" / "build_engine.sh").read_text()
+    line = next(x for x in script.splitlines() if x.startswith("VERSION="))
+    r = subprocess.run(["bash", "-c", f'ROOT="{ROOT}"; {line}; echo "$VERSION"'], capture_output=True, text=True,
+                       timeout=30)
+    assert r.stdout.strip() == LLAMA_CPP_PYTHON_VERSION, r.stderr
+    assert script.count(LLAMA_CPP_PYTHON_VERSION) == 0, "the script reads the version, it does not repeat it"
+    assert importlib.metadata.version("llama_cpp_python") == LLAMA_CPP_PYTHON_VERSION

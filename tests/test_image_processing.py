@@ -3,7 +3,7 @@
 The oracle for pixels is HF: `CLIPImageProcessorPil` (resize: shortest edge + centre crop),
 `SiglipImageProcessorPil` (squash) and `LlavaImageProcessorPil(do_pad=True)` (pad to a square with
 the mean colour, then as CLIP), run with rescaling and normalisation off so they hand back the
-uint8 pixels the tower would see. DESIGN's bound: identical when both use the same function.
+uint8 pixels the tower would see. The bound (docs/fidelity.md): identical when both use the same function.
 """
 
 from __future__ import annotations

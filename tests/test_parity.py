@@ -1,4 +1,4 @@
-"""The llama.cpp path held to the PyTorch reference within DESIGN's bounds: embeddings and greedy generation."""
+"""The llama.cpp path held to the PyTorch reference within the bounds of docs/fidelity.md: embeddings, generation."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import pytest
 
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import embedding_parity, generation_parity, nmse, tiles_of
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
+from llama3v.runtime import encoder as encoder_module
 from llama3v.runtime import selfcheck
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 # Widths that are multiples of 32 let q8_0 really quantize the matrices; the others stay odd.
 SPECS = {
@@ -43,7 +44,7 @@ def references(tiny):
 
 def test_engine_is_the_patched_one():
     """`make` installs our build: the probe must see the class token first."""
-    assert selfcheck.engine_verdict() == selfcheck.FIXED
+    assert encoder_module.engine_verdict() == selfcheck.FIXED
 
 
 def test_selfcheck_decision():
@@ -59,7 +60,7 @@ def test_selfcheck_decision():
 def test_unpatched_engine_is_refused_for_clip(monkeypatch, tiny):
     from llama3v.errors import Llama3vError
 
-    monkeypatch.setitem(selfcheck._verdict, "verdict", selfcheck.UNPATCHED)
+    monkeypatch.setitem(encoder_module._verdict, "verdict", selfcheck.UNPATCHED)
     with pytest.raises(Llama3vError, match="#25814"):
         VisionEncoder(tiny(SPECS["clip-3blk-fl-2"]).mmproj)
     # SigLIP towers have no class token: the bug cannot touch them
@@ -89,7 +90,7 @@ def test_random_towers_depend_on_the_image(tiny, references, picture, scenes_dir
     assert nmse(a, b) > 1000 * BOUNDS["f32"]
 
 
-# Seeds are chosen (DESIGN, test quality rules) so that tokens vary and every compared top-1 has a
+# Seeds are chosen (CONTRIBUTING.md, tests) so that tokens vary and every compared top-1 has a
 # margin over the measured numeric error: ggml's fp16 GELU tables put ~5e-4 relative error on the
 # image rows (NMSE ~4e-7, within the F32 bound), which reaches the logits as ~1e-2.
 E2E = {

@@ -12,22 +12,23 @@ from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf import quants as gguf_quants
 from PIL import Image
 
-from llama3v.converters import ggml_quants
+from llama3v.cli.quantize import quantize_file
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import LLM_TYPES, MMPROJ_TYPES, storage_type
-from llama3v.converters.requantize import requantize_mmproj
 from llama3v.errors import Llama3vError
 from llama3v.evaluation import quant_report as qr
 from llama3v.evaluation.kl import compare, kl_divergence
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import mean_row_cosine, nmse, tiles_of
-from llama3v.evaluation.quantize_command import quantize_file
 from llama3v.gguf_header import read_gguf
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.models.llava import LlavaReference
+from llama3v.quant import ggml_quants
+from llama3v.quant.llm import quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
+from llama3v.quant.storage import storage_type
+from llama3v.quant.types import CONVERT_LLM_TYPES, LLM_QUANT_TYPES, MMPROJ_TYPES
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.llm_quantize import LLM_QUANT_TYPES, quantize_llm
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 Q = GGMLQuantizationType
 
@@ -192,7 +193,7 @@ def test_llama_cpp_agrees_on_the_file_type_numbers():
 
 def test_converter_writes_bf16_llms_libllama_runs(tiny):
     built = tiny(LLM_SPEC, "hf-5", "bf16")
-    assert set(LLM_TYPES) == {"f32", "f16", "bf16", "q8_0"}
+    assert set(CONVERT_LLM_TYPES) == {"f32", "f16", "bf16", "q8_0"}
     assert _types(built.model)["blk.0.ffn_down.weight"] == Q.BF16
     with Session(built.model, built.mmproj, n_ctx=256) as session:
         assert len(session.generate("Hello", temperature=0, max_tokens=3).wait().tokens) == 3
@@ -278,8 +279,9 @@ def test_quant_report_on_a_tiny_model(tiny, picture, tmp_path, monkeypatch):
     assert len(table) == 6 and float(table[0]["kl_mean"]) == 0.0
     markdown = (out / "quant-report.md").read_text()
     assert markdown.count("\n| q4_k | ") == 3 and "| f32 | q8_0 |" in markdown
-    with Image.open(out / "quant-report.png") as png:
-        assert png.size == (960, 640) and len(png.getcolors(1 << 16)) > 5
+    for name in ("quant-report.png", "quant-report-encode.png"):
+        with Image.open(out / name) as png:
+            assert png.size == (960, 480) and len(png.getcolors(1 << 16)) > 5
 
     # Cached per combination: a rerun measures only what is missing.
     calls = []

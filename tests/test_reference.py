@@ -2,7 +2,7 @@
 
 Each case builds a tiny random LlavaForConditionalGeneration, saves it, loads it back through
 `LlavaReference.from_checkpoint` (so through `load_llava`), and compares logits on a prompt holding two
-drawn scenes. DESIGN.md bound: max abs diff < 1e-4 on float32 logits.
+drawn scenes. Bound (docs/fidelity.md): max abs diff < 1e-4 on float32 logits.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="the reference needs the optional torch extra")
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only oracle")
 
-from llama3v.converters.config import TextConfig  # noqa: E402
+from llama3v.hf.config import TextConfig  # noqa: E402
 from llama3v.models.llama import rope_inv_freq  # noqa: E402
 from llama3v.models.llava import LlavaReference  # noqa: E402
 
-TOL = 1e-4  # DESIGN.md: reference vs HF transformers, max abs diff on logits (F32)
+TOL = 1e-4  # docs/fidelity.md: reference vs HF transformers, max abs diff on logits (F32)
 VOCAB = 100
 IMAGE_TOKEN = VOCAB - 1
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 8.0, "low_freq_factor": 1.0,

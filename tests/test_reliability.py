@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama3v.models.factory import TinySpec, make_checkpoint
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import load_image, prepare_tile
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 SPEC = TinySpec(seed=2)
 
@@ -40,7 +40,9 @@ def test_kill_9_mid_write_leaves_the_old_file(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "convert", str(ckpt), "-o", str(out), "--outtype",
                              "f32", "--force", "-q"], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(out.glob(".model-f32.gguf.*.partial")) and time.monotonic() < deadline and proc.poll() is None:
+    # the model is written into the staging folder (converters/convert.py), under a temporary name there too
+    while not list(out.glob(".llama3v-convert.*.partial/.model-f32.gguf.*.partial")) and \
+            time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert proc.poll() is None, "conversion ended before it could be killed mid-write"
     os.kill(proc.pid, signal.SIGKILL)
@@ -139,7 +141,7 @@ def test_slow_client_is_dropped(serve):
     base, _ = serve("--body-timeout", "1")
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{\"messages\":")
         t0 = time.monotonic()
         reply = s.recv(4096).decode()

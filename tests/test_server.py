@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -16,16 +15,10 @@ import openai
 import pexpect
 import pytest
 
-from llama3v.models.factory import TinySpec
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_cli(built, *args: str) -> dict:
@@ -51,25 +44,10 @@ def media_root(tmp_path_factory, picture, motion_video) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(built, media_root):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama3v.cli", "serve", "--model", str(built.model), "--mmproj",
-                             str(built.mmproj), "--port", str(port), "--api-key", KEY, "--allowed-root",
-                             str(media_root), "--max-body-mb", "2", "--n-ctx", "8192", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read()}")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=20)
+def server(built, media_root, running_server):
+    with running_server(built, "--api-key", KEY, "--allowed-root", str(media_root), "--max-body-mb", "2",
+                        "--n-ctx", "8192") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +173,8 @@ def test_oversized_body_missing_key_and_bad_json(server):
     big = {"messages": [{"role": "user", "content": "x" * (3 << 20)}]}
     assert httpx.post(f"{server}/v1/chat/completions", json=big, headers=auth).status_code == 413
     assert httpx.post(f"{server}/v1/chat/completions", json={"messages": []}).status_code == 401
-    assert httpx.post(f"{server}/v1/chat/completions", content=b"{nope", headers=auth).status_code == 400
+    as_json = {**auth, "Content-Type": "application/json"}
+    assert httpx.post(f"{server}/v1/chat/completions", content=b"{nope", headers=as_json).status_code == 400
     assert httpx.post(f"{server}/v1/chat/completions", json={"messages": []}, headers=auth).status_code == 400
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 

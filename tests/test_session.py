@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from llama3v.errors import Llama3vError
 from llama3v.evaluation.parity import generation_parity
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.media import EncodeCache
+from llama3v.runtime.options import SessionOptions
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 
@@ -172,3 +175,48 @@ def test_score_teacher_forces_a_continuation(built, picture):
     assert logits.argmax(axis=1)[:6].tolist() == result.tokens, "greedy tokens are each row's top-1"
     np.testing.assert_allclose(forced[0], logits[0], atol=1e-4), "the prompt's last position is the same"
     assert forced[1:].argmax(axis=1).tolist() != logits[1:4].argmax(axis=1).tolist()
+
+
+def test_one_rule_decides_what_fits_the_context(built, picture):
+    """Context.fits: a prompt and continuation of exactly n_ctx positions score; one more is refused."""
+    with _session(built, n_ctx=256) as s:
+        n_prompt = s.generate("Hi <image>", images=[picture], temperature=0, max_tokens=1).wait().n_prompt_tokens
+        s.reset()
+        room = s.ctx.n_ctx - n_prompt
+        assert s.score("Hi <image>", [5] * room, images=[picture]).shape == (room + 1, s.model.n_vocab)
+        with pytest.raises(Llama3vError, match="do not fit the context of 256"):
+            s.score("Hi <image>", [5] * (room + 1), images=[picture])
+        assert s.ctx.fits(256) and not s.ctx.fits(257)
+
+
+def test_session_options_are_the_defaults_and_keywords_change_them(built):
+    with Session(built.model, built.mmproj) as s:
+        assert s.options == SessionOptions() and s.ctx.n_ctx == SessionOptions.n_ctx
+    options = SessionOptions(n_ctx=512, max_tiles=2)
+    with Session(built.model, built.mmproj, options, kv_type="f32") as s:
+        assert (s.ctx.n_ctx, s.options.max_tiles, s.options.kv_type) == (512, 2, "f32")
+    assert options.kv_type == "f16", "the caller's options are not changed"
+    with pytest.raises(TypeError):
+        Session(built.model, n_context=512)
+
+
+def test_a_context_past_the_trained_length_warns(tiny):
+    built = tiny(TinySpec(seed=2, max_position_embeddings=256), "hf-5", "f32")
+    with pytest.warns(UserWarning, match="goes past the 256 the model was trained on"):
+        Session(built.model, n_ctx=512).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Session(built.model, n_ctx=256).close()
+
+
+def test_media_info_records_what_an_image_became(built, picture):
+    with _session(built) as s:
+        first = s.generate("Describe <image>.", images=[picture], temperature=0, max_tokens=2).wait()
+        again = s.generate("Describe <image> again.", images=[picture], temperature=0, max_tokens=2).wait()
+    (info,) = first.media
+    assert (info.kind, info.layout, info.n_tiles, info.rows) == ("image", "single", 1, 16)
+    assert info.encode_ms == sum(info.tile_encode_ms) > 0
+    assert again.media[0].encode_ms == 0, "a cache hit encodes nothing"
+    assert first.to_json()["media"] == [{"media": 0, "kind": "image", "layout": "single", "grid": [0, 0], "n_tiles": 1,
+                                         "tile_encode_ms": info.tile_encode_ms, "rows": 16,
+                                         "encode_ms": info.encode_ms}]

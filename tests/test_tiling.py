@@ -15,14 +15,14 @@ from llama3v.errors import Llama3vError
 from llama3v.evaluation.parity import NMSE_BOUNDS as BOUNDS
 from llama3v.evaluation.parity import generation_parity, nmse, reference_rows
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime import engine
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageSpec, load_image, prepare_tile, process_image
-from llama3v.runtime.layout import n_rows
 from llama3v.runtime.media import EncodeCache, Rows, image_parts
 from llama3v.runtime.session import Session
+from llama3v.runtime.tile_arrangement import n_rows
+from llama3v.testing.factory import TinySpec
 
 PINPOINTS_336 = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PINPOINTS_56 = tuple((h // 6, w // 6) for h, w in PINPOINTS_336)  # the same grids for a 56-pixel tower
@@ -146,7 +146,7 @@ def test_two_tiled_images_each_at_its_marker(next_built, next_reference, picture
         s.reset()
         result = s.generate("Is <image> like <image>?", images=images, temperature=0, max_tokens=1).wait()
         rows = [reference_rows(next_reference, s.encoder, img) for img in images]
-    counts = [m["rows"] for m in result.media]
+    counts = [m.rows for m in result.media]
     assert counts == [len(r) for r in rows] and counts[0] == counts[1], "both 4:3, so the same grid"
     none_at = [i for i, t in enumerate(result.prompt_tokens) if t is None]
     first, second = none_at[:counts[0]], none_at[counts[0]:]
@@ -168,7 +168,7 @@ def test_second_turn_with_a_tiled_image_encodes_nothing(next_built, picture):
         s.cache = EncodeCache()
         cold = s.generate("Describe <image> again.", images=[picture], temperature=0, max_tokens=4,
                           all_logits=True).wait()
-    assert first.n_encodes == first.media[0]["n_tiles"] == 5
+    assert first.n_encodes == first.media[0].n_tiles == 5
     assert again.n_encodes == 0 and cold.n_encodes == 5
     np.testing.assert_allclose(warm, s.prompt_logits[again.n_reused:], atol=1e-4)
 
@@ -178,7 +178,7 @@ def test_too_many_tiles_for_the_context_names_the_knobs(tiny, picture):
     with Session(built.model, built.mmproj, n_ctx=256, max_tiles=6) as s:
         with pytest.raises(Llama3vError, match=r"needs \d+ positions .* lower --max-tiles"):
             s.generate("<image> <image> <image>", images=[picture] * 3)
-        s.max_tiles = None
+        s.options.max_tiles = None
         assert len(s.generate("<image> <image> <image>", images=[picture] * 3, max_tokens=1).wait().tokens) == 1
 
 

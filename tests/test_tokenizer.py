@@ -16,10 +16,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from llama3v.llama3_format import BEGIN_OF_TEXT, END_OF_TURN, LLAMA3_TEMPLATE
-from llama3v.models.bpe import train_tiny
-from llama3v.models.factory import IMAGE_TOKEN, TinySpec
 from llama3v.runtime.context import TextModel
 from llama3v.runtime.prompt import Message, render
+from llama3v.testing.bpe import train_tiny
+from llama3v.testing.factory import IMAGE_TOKEN, TinySpec
 
 LONG = (
     "Large language models read text as tokens. A tokenizer first splits the text with a regular expression "

@@ -17,8 +17,6 @@ from llama3v.runtime import video
 from llama3v.runtime.video import Limits, Sampling, VideoReader, read_video, sample_indices
 from llama3v.runtime.video_budget import BudgetPlan, default_budget, plan_budget, pool2x2, timestamp_text
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
-
 
 def _scene(w: int, h: int, n: int, static_until: int = 0, seed: int = 0) -> list[np.ndarray]:
     """BGR frames: a textured background, a fixed bar, and a square that moves from frame `static_until` on."""
@@ -225,10 +223,8 @@ def test_auto_mode_seeks_once_verified(videos):
         assert reader._seek_ok is True
 
 
-def test_real_h264_clip():
-    path = TESTDATA / "clip.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (a checkout outside this team's machines)")
+def test_real_h264_clip(real_clip):
+    path = real_clip
     everything = _sequential(path)
     for mode in ("auto", "grab", "seek"):
         info, frames = read_video(path, Sampling(8), mode=mode)

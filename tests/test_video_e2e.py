@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from llama3v.evaluation.parity import NMSE_BOUNDS, generation_parity, nmse, reference_video_rows
-from llama3v.models.factory import TinySpec
 from llama3v.models.llava import LlavaReference
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import EncodeCache, Rows, sample_video, video_parts
 from llama3v.runtime.session import Session
 from llama3v.runtime.video import Sampling, VideoReader
+from llama3v.testing.factory import TinySpec
 
 SPEC = TinySpec(seed=2)
 FULL = 16 * 16  # 16 frames of a 4 x 4 grid
@@ -44,8 +44,8 @@ def test_rows_follow_the_reference(built, reference, motion_video, budget, poole
     indices, ref = reference_video_rows(reference, encoder, str(motion_video), Sampling(frames=16), budget)
     assert indices == video.frames, "the reference samples the same frames"
     assert ours.shape == ref.shape and nmse(ours, ref) < NMSE_BOUNDS["f32"]
-    meta = blocks[0].meta
-    assert meta["pooled"] == pooled and (meta["threshold"] > 0) == pruned
+    info = blocks[0].info
+    assert info.pooled == pooled and (info.threshold > 0) == pruned
     assert len(ours) <= (budget or FULL)
     texts = [p for p in parts if isinstance(p, str)]
     assert len(texts) == len(blocks) and texts[0] == "<t=0.0s>"
@@ -55,7 +55,7 @@ def test_static_segment_loses_tokens_moving_part_keeps_them(built, motion_video)
     encoder = VisionEncoder(built.mmproj)
     video = sample_video(motion_video, 0, encoder, Sampling(frames=16))
     parts = video_parts(video, encoder, EncodeCache(), 40)
-    kept = {b.meta["frame"]: b.n for b in parts if isinstance(b, Rows)}
+    kept = {b.frame: b.n for b in parts if isinstance(b, Rows)}
     moving = [n for f, n in kept.items() if 0 < f < 15]
     still = [kept.get(f, 0) for f in video.frames if f > 16]
     assert kept[0] == 4, "the first frame is always whole (pooled 2 x 2)"
@@ -67,7 +67,7 @@ def test_generous_budget_changes_nothing(built, motion_video):
     with Session(built.model, built.mmproj, n_ctx=2048) as s:
         result = s.generate("What happens?", videos=[motion_video], temperature=0, max_tokens=2).wait()
     (info,) = result.media
-    assert info["rows"] == FULL and not info["pooled"] and info["frames_kept"] == 16
+    assert info.rows == FULL and not info.pooled and info.frames_kept == 16
     assert result.prompt_tokens.count(None) == FULL
 
 
@@ -75,7 +75,7 @@ def test_default_budget_fits_the_context(built, motion_video):
     with Session(built.model, built.mmproj, n_ctx=256, video_sampling=Sampling(frames=16)) as s:
         result = s.generate("What happens?", videos=[motion_video], temperature=0, max_tokens=32).wait()
     (info,) = result.media
-    assert info["rows"] < FULL and info["pooled"]
+    assert info.rows < FULL and info.pooled
     assert result.n_prompt_tokens + 32 <= 256
 
 

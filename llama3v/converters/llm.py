@@ -11,11 +11,12 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama3v import gguf_schema as S
 from llama3v.converters import tensor_map
-from llama3v.converters.config import TextConfig
-from llama3v.converters.layouts import LlavaCheckpoint
-from llama3v.converters.quantize import file_type, storage_type
-from llama3v.converters.tokenizer import load_vocab
-from llama3v.converters.writer import TensorPlan, write_gguf
+from llama3v.converters.tokenizer import Vocab
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.hf.config import TextConfig
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.progress import Progress
+from llama3v.quant.storage import encode, file_type, storage_type
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -73,28 +74,31 @@ def _permuted(ckpt: LlavaCheckpoint, src: str, n_head: int) -> Callable[[], np.n
     return lambda: permute_rotary(ckpt.get(src), n_head)
 
 
-def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType,
-              progress: Callable[[str], None] | None = None) -> None:
-    """Convert the checkpoint's decoder and tokenizer into a llama GGUF at `path` (atomically)."""
+def write_llm(ckpt: LlavaCheckpoint, path: Path, outtype: GGMLQuantizationType, plans: list[TensorPlan],
+              vocab: Vocab, progress: Progress | None = None) -> None:
+    """Write the checkpoint's decoder (`llm_plan`'s tensors) and tokenizer as a llama GGUF at `path` (atomically)."""
     cfg = ckpt.config.text
-    vocab = load_vocab(ckpt.main, cfg.vocab_size)
-    plans = llm_plan(ckpt, outtype)
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(ckpt.root.name)
+        w.add_name(ckpt.name)
         w.add_file_type(file_type(outtype))
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_dimension_count(cfg.n_head_dim)
-        w.add_key_length(cfg.n_head_dim)
-        w.add_value_length(cfg.n_head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        add_decoder_hparams(w, cfg)
         vocab.add_to(w)
 
-    write_gguf(path, S.LLM_ARCH, metadata, plans, progress)
+    write_gguf(path, S.LLM_ARCH, metadata, plans, encode, progress)
+
+
+def add_decoder_hparams(w: GGUFWriter, cfg: TextConfig) -> None:
+    """Write a Llama decoder's `<arch>.*` hyperparameters (shared by the llama and mllama files)."""
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.n_head_dim)
+    w.add_key_length(cfg.n_head_dim)
+    w.add_value_length(cfg.n_head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)

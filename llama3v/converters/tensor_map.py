@@ -1,4 +1,4 @@
-"""Declarative maps from canonical checkpoint names (see layouts.py) to GGUF tensor names.
+"""Declarative maps from canonical checkpoint names (see llama3v/hf/key_formats.py) to GGUF tensor names.
 
 `{bid}` stands for a block index. One table per file kind; the writers walk these tables, so a
 tensor the model needs and the checkpoint lacks is reported by name.
@@ -10,14 +10,14 @@ from llama3v import gguf_schema as S
 
 # Vision tower, per block: HF module -> libmtmd part. fc1 is the up projection, fc2 the down.
 VISION_BLOCK = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.out_proj": "attn_out",
-    "layer_norm1": "ln1",
-    "layer_norm2": "ln2",
-    "mlp.fc1": "ffn_up",
-    "mlp.fc2": "ffn_down",
+    "self_attn.q_proj": S.ATTN_Q,
+    "self_attn.k_proj": S.ATTN_K,
+    "self_attn.v_proj": S.ATTN_V,
+    "self_attn.out_proj": S.ATTN_OUT,
+    "layer_norm1": S.LN1,
+    "layer_norm2": S.LN2,
+    "mlp.fc1": S.FFN_UP,
+    "mlp.fc2": S.FFN_DOWN,
 }
 
 VISION_EMBEDDINGS = {

@@ -1,20 +1,24 @@
-"""Read a byte-level BPE tokenizer (tokenizer.json) and its chat template for GGUF.
+"""Read a byte-level BPE tokenizer (tokenizer.json) and choose its chat template for GGUF.
 
 Two families are accepted, each recognised by its exact pre-tokenizer: Llama-3's (llama.cpp's
 "llama-bpe") and SmolLM2's (single digits, then GPT-2's split; llama.cpp's "smollm"), which the
 embedded tiny model uses. SmolLM2 is not Llama-3: it keeps its own vocabulary, BOS setting and
-ChatML template, and it must bring that template (there is no fallback for it).
+ChatML template, and it must bring that template (no Llama-3 fallback for it).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from gguf import GGUFWriter, TokenType
 
-from llama3v.converters.checkpoint import Checkpoint
-from llama3v.errors import Llama3vError
-from llama3v.llama3_format import LLAMA3_TEMPLATE, LLAMA_CPP_PRE, PRETOKENIZE_REGEX
+from llama3v import gguf_schema as S
+from llama3v.chat_formats import FORMATS, ChatFormat, resolve
+from llama3v.errors import Llama3vError, Llama3vWarning
+from llama3v.hf.checkpoint import Checkpoint
+from llama3v.hf.key_formats import LlavaCheckpoint
+from llama3v.llama3_format import LLAMA_CPP_PRE, PRETOKENIZE_REGEX
 
 SMOLLM_PRE = "smollm"  # llama.cpp's pre-tokenizer type for SmolLM/SmolLM2 (not a Llama-3 tokenizer)
 
@@ -28,7 +32,7 @@ class Vocab:
     merges: list[str]
     bos_id: int
     eos_id: int
-    chat_template: str
+    chat: ChatFormat
     pre: str = LLAMA_CPP_PRE  # llama.cpp's pre-tokenizer name
     add_bos: bool = True
 
@@ -42,11 +46,13 @@ class Vocab:
         w.add_bos_token_id(self.bos_id)
         w.add_eos_token_id(self.eos_id)
         w.add_add_bos_token(self.add_bos)
-        w.add_chat_template(self.chat_template)
+        w.add_chat_template(self.chat.template)
+        w.add_string(S.CHAT_FORMAT, self.chat.name)
 
 
-def load_vocab(ckpt: Checkpoint, vocab_size: int) -> Vocab:
-    """Read tokenizer.json, tokenizer_config.json and the chat template beside a checkpoint."""
+def load_vocab(ckpt: Checkpoint, vocab_size: int, chat: ChatFormat | None = None) -> Vocab:
+    """Read tokenizer.json and tokenizer_config.json beside a checkpoint; the chat template is `chat`, else the
+    checkpoint's own, else Llama-3's (a SmolLM2 tokenizer must bring its own)."""
     tok = ckpt.read_json("tokenizer.json")
     if tok is None:
         raise Llama3vError(f"{ckpt.root}: no tokenizer.json (llama3v needs the checkpoint's own tokenizer)")
@@ -72,22 +78,16 @@ def load_vocab(ckpt: Checkpoint, vocab_size: int) -> Vocab:
     config = ckpt.read_json("tokenizer_config.json") or {}
     index = {t: i for i, t in enumerate(tokens)}
     llama3 = pre == LLAMA_CPP_PRE
-    template = _chat_template(ckpt, config)
-    if template is None and not llama3:
+    chat = chat or checkpoint_format(ckpt, config)
+    if chat is None and not llama3:
         raise Llama3vError(f"{ckpt.root}: a SmolLM2 tokenizer without its chat template")
-    if llama3:
-        bos_id = _token_id(config.get("bos_token"), index, "<|begin_of_text|>")
-        eos_id = _token_id(config.get("eos_token"), index, "<|end_of_text|>")
-    else:
-        bos_id = _token_id(config.get("bos_token"), index, None)
-        eos_id = _token_id(config.get("eos_token"), index, None)
     return Vocab(
         tokens=tokens,
         types=types,
         merges=merges,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        chat_template=template or LLAMA3_TEMPLATE,
+        bos_id=_token_id(config.get("bos_token"), index, "<|begin_of_text|>" if llama3 else None),
+        eos_id=_token_id(config.get("eos_token"), index, "<|end_of_text|>" if llama3 else None),
+        chat=chat or FORMATS["llama3"],
         pre=pre,
         # Llama-3 always starts with <|begin_of_text|>; SmolLM2's ChatML adds no BOS unless it says so.
         add_bos=llama3 or bool(config.get("add_bos_token", False)),
@@ -118,12 +118,52 @@ def _token_id(value: object, index: dict[str, int], default: str | None) -> int:
     return index[text]
 
 
-def _chat_template(ckpt: Checkpoint, config: dict) -> str | None:
-    """The checkpoint's template: tokenizer_config.json, chat_template.jinja or .json; None if it has none."""
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    template = template or ckpt.read_text("chat_template.jinja")
+def checkpoint_format(ckpt: Checkpoint, tokenizer_config: dict) -> ChatFormat | None:
+    """The template a checkpoint ships: the processor's chat_template.jinja / chat_template.json, then
+    tokenizer_config.json's."""
+    template, source = ckpt.read_text("chat_template.jinja"), "chat_template.jinja"
     if not template:
-        template = (ckpt.read_json("chat_template.json") or {}).get("chat_template")
-    return template or None
+        template, source = (ckpt.read_json("chat_template.json") or {}).get("chat_template"), "chat_template.json"
+    if not template:
+        template, source = tokenizer_config.get("chat_template"), "tokenizer_config.json"
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        return None
+    if not isinstance(template, str):
+        raise Llama3vError(f"{ckpt.root}: the chat template in {source} is not a string")
+    return ChatFormat(f"checkpoint:{source}", template, str(ckpt.root / source))
+
+
+def choose_chat_format(llava: LlavaCheckpoint, override: str | None = None) -> ChatFormat:
+    """The format a LLaVA checkpoint was trained with: `override` (a --chat-template NAME or FILE), else its own
+    template, else its family's, else Llama-3's with a warning."""
+    if override:
+        return resolve(override)
+    ckpt = llava.main
+    own = checkpoint_format(ckpt, ckpt.read_json("tokenizer_config.json") or {})
+    if own is not None:
+        return own
+    family = family_format(llava)
+    if family is None:
+        warnings.warn(f"{ckpt.root}: no chat template and no known family in config.json; assuming Llama-3's "
+                      "prompt format (choose another with --chat-template)", Llama3vWarning, stacklevel=2)
+        return FORMATS["llama3"]
+    return family
+
+
+# Keys LLaVA's own training script (llava/train/train.py) writes into config.json: a checkpoint from the
+# conv_mode era, trained on a `vicuna_v1`-style conversation. xtuner's converter writes none of them.
+_LLAVA_TRAIN_KEYS = ("tune_mm_mlp_adapter", "tokenizer_model_max_length", "mm_projector_lr", "freeze_mm_mlp_adapter")
+
+
+def family_format(llava: LlavaCheckpoint) -> ChatFormat | None:
+    """The prompt format a template-less checkpoint's family was trained with, when its config names one."""
+    config = llava.main.config
+    if config.get("model_type") in ("bunny-llama", "bunny_llama"):
+        return FORMATS["bunny-llama"]
+    if llava.key_format == "llava-original" and any(k in config for k in _LLAVA_TRAIN_KEYS):
+        return FORMATS["vicuna_v1"]
+    if llava.key_format == "llava-original" and config.get("model_type") == "llava" and "use_mm_proj" in config:
+        return FORMATS["llama3"]  # xtuner's llava-llama-3 (convert_xtuner_weights_to_llava.py): Llama-3's template
+    return None

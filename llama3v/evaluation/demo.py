@@ -11,9 +11,10 @@ from pathlib import Path
 
 from llama3v.converters.convert import convert
 from llama3v.evaluation.scenes import scene
-from llama3v.models.factory import TinySpec, make_checkpoint
-from llama3v.paths import cache_dir
+from llama3v.paths import TEST_MEDIA, cache_dir
+from llama3v.progress import Progress, bars
 from llama3v.runtime.session import Session
+from llama3v.testing.factory import TinySpec, make_checkpoint
 
 # Real architecture at small size: CLIP tower with class token (64 patches), mlp2x projector,
 # GQA Llama-3 decoder with llama3 rope scaling, and the real 128k Llama-3 tokenizer.
@@ -22,10 +23,10 @@ DEMO_SPEC = TinySpec(vision_hidden=128, vision_heads=4, vision_layers=4, vision_
                      rope_theta=500000.0, rope_scaling={"factor": 8.0, "original_max_position_embeddings": 8192},
                      vocab="llama3", seed=0)
 QUESTION = "What is in this image?"
-PHOTO = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "photo.jpeg"
+PHOTO = TEST_MEDIA / "photo.jpeg"  # a drawn scene stands in where the package runs without its checkout
 
 
-def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
+def build_demo_model(workdir: Path, say: callable, progress: Progress | None = None) -> tuple[Path, Path, Path]:
     """Build (or reuse) the demo checkpoint and its f32 GGUFs; returns (checkpoint, model, mmproj)."""
     ckpt, out = workdir / "checkpoint", workdir / "gguf"
     spec_file = ckpt / "llama3v_spec.json"
@@ -34,8 +35,8 @@ def build_demo_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
     if not (fresh and model.is_file() and mmproj.is_file()):
         say(f"building the demo checkpoint in {ckpt} (random weights, real Llama-3 tokenizer)")
         t0 = time.perf_counter()
-        make_checkpoint(ckpt, DEMO_SPEC, "hf-5")
-        convert(ckpt, out, "f32", "f32", force=True)
+        make_checkpoint(ckpt, DEMO_SPEC, "hf-5", progress=progress)
+        convert(ckpt, out, "f32", "f32", force=True, progress=progress)
         say(f"built and converted in {time.perf_counter() - t0:.1f} s")
     return ckpt, model, mmproj
 
@@ -58,7 +59,7 @@ def run_parity_demo(workdir: Path | None = None, quiet: bool = False) -> int:
         if not quiet:
             print(f"[demo] {msg}", file=sys.stderr)
 
-    ckpt, model, mmproj = build_demo_model(workdir, say)
+    ckpt, model, mmproj = build_demo_model(workdir, say, bars(quiet))
     image = PHOTO if PHOTO.is_file() else workdir / "scene.png"
     if image != PHOTO:
         scene(0, 640, 480).save(image)
@@ -73,7 +74,7 @@ def run_parity_demo(workdir: Path | None = None, quiet: bool = False) -> int:
             print(piece, end="", flush=True)
         result = gen.result
         t = result.timings
-        print(f"\n\nprompt {result.n_prompt_tokens} positions ({result.media[0]['rows']} image rows); "
+        print(f"\n\nprompt {result.n_prompt_tokens} positions ({result.media[0].rows} image rows); "
               f"encode {t['encode_ms']:.0f} ms, prompt {t['prompt_ms']:.0f} ms, "
               f"{len(result.tokens)} tokens at {t['decode_tokens_per_s']:.0f} tokens/s")
         _agreement(ckpt, session, image)

@@ -1,6 +1,6 @@
 """How closely the llama.cpp path follows the PyTorch reference: the metrics and the two comparisons.
 
-NMSE = mean((x - ref)^2) / var(ref) over the whole [n_rows, n_embd] arrays (DESIGN.md, fidelity).
+NMSE = mean((x - ref)^2) / var(ref) over the whole [n_rows, n_embd] arrays (docs/fidelity.md).
 Each side prepares nothing for the other: both start from the same uint8 tiles, llama.cpp encodes
 them with libmtmd, the reference with PyTorch.
 """
@@ -19,7 +19,7 @@ from llama3v.runtime.image_processing import ImageInput, load_image, prepare_til
 from llama3v.runtime.session import Session
 from llama3v.runtime.video import Sampling, VideoReader
 
-# Embedding NMSE bounds per mmproj type (docs/fidelity.md): f32, f16 and q8_0 are DESIGN.md's; the others
+# Embedding NMSE bounds per mmproj type (docs/fidelity.md): f32, f16 and q8_0 were set as goals; the others
 # were measured on tiny CLIP/SigLIP and ViT-L/14-336 towers and set with margin.
 NMSE_BOUNDS = {"f32": 1e-6, "f16": 1e-4, "bf16": 2e-4, "q8_0": 1e-3, "q6_k": 1e-2, "q5_k": 5e-2, "q5_1": 5e-2,
                "q5_0": 6e-2, "q4_k": 0.15, "q4_1": 0.2, "q4_0": 0.2}
@@ -118,10 +118,9 @@ def generation_parity(reference: LlavaReference, session: Session, prompt: str, 
     if result.n_reused:
         raise ValueError("generation parity needs a session whose KV cache does not already hold the prompt")
     ours = session.prompt_logits
-    blocks = [reference_rows(reference, session.encoder, img, session.max_tiles, session.image_layout)
-              for img in images]
-    blocks += [reference_video_rows(reference, session.encoder, v, session.video_sampling, info["budget"],
-                                    session.video_measure)[1]
+    o = session.options
+    blocks = [reference_rows(reference, session.encoder, img, o.max_tiles, o.image_layout) for img in images]
+    blocks += [reference_video_rows(reference, session.encoder, v, o.video_sampling, info.budget, o.video_measure)[1]
                for v, info in zip(videos, result.media[len(images):], strict=True)]
     rows = np.concatenate(blocks) if blocks else None
     ref_logits = reference.logits(result.prompt_tokens, rows)

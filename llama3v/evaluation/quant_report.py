@@ -24,7 +24,6 @@ import csv
 import hashlib
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -34,26 +33,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llama3v import quant_types
 from llama3v.atomic import atomic_output
 from llama3v.converters.convert import convert
-from llama3v.converters.quantize import parse_outtype
-from llama3v.converters.requantize import requantize_mmproj
 from llama3v.errors import Llama3vError
 from llama3v.evaluation.kl import compare
-from llama3v.evaluation.quant_plot import Point, draw_size_vs_kl
+from llama3v.evaluation.quant_plot import Point, draw_encode_vs_size, draw_size_vs_kl, require_matplotlib
 from llama3v.evaluation.scenes import scenes
+from llama3v.progress import Progress, bars
+from llama3v.quant import types as quant_types
+from llama3v.quant.llm import quantize_llm
+from llama3v.quant.requantize import requantize_mmproj
+from llama3v.quant.storage import parse_outtype
+from llama3v.quant.types import LLM_QUANT_TYPES
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.image_processing import ImageInput
-from llama3v.runtime.llm_quantize import LLM_QUANT_TYPES, quantize_llm
 from llama3v.runtime.session import Session
 
 DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES = quant_types.REPORT_MMPROJ_TYPES, quant_types.REPORT_MODEL_TYPES
 QUESTION = "Describe this image in detail."
 N_PREDICT = 32
 N_SCENES = 2  # a ViT-L encode takes ~5 s per image and type on 2 CPU cores
-N_CTX = 4096
-OUTPUTS = ("quant-report.md", "quant-report.csv", "quant-report.png")
+OUTPUTS = ("quant-report.md", "quant-report.csv", "quant-report.png", "quant-report-encode.png")
 MIB = 1 << 20
 
 
@@ -79,9 +79,9 @@ class Row:
 def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | tuple[str, ...] = DEFAULT_MMPROJ_TYPES,
                  model_types: list[str] | tuple[str, ...] = DEFAULT_MODEL_TYPES,
                  images: list[ImageInput] | None = None, prompt: str = QUESTION, n_predict: int = N_PREDICT,
-                 n_threads: int | None = None, say: Callable[[str], None] | None = None) -> list[Row]:
-    """Measure every combination and write the Markdown table, CSV and PNG into `outdir`; returns the rows."""
-    say = say or (lambda _msg: None)
+                 n_threads: int | None = None, progress: Progress | None = None) -> list[Row]:
+    """Measure every combination and write the Markdown table, CSV and PNGs into `outdir`; returns the rows."""
+    require_matplotlib()  # before hours of measuring, not after
     mmproj_types = list(dict.fromkeys(t.lower() for t in mmproj_types))  # in order, each once
     model_types = list(dict.fromkeys(t.lower() for t in model_types))
     for t in mmproj_types:
@@ -95,7 +95,7 @@ def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | 
         raise Llama3vError("give at least one mmproj type and one model type")
     src, outdir = Path(src), Path(outdir)
     images = list(images) if images else list(scenes(N_SCENES))
-    gguf = _GGUFs(src, outdir / "gguf", n_threads, say)
+    gguf = _GGUFs(src, outdir / "gguf", n_threads, progress)
     settings = {"source": _source_fingerprint(src), "images": [_image_digest(i) for i in images],
                 "prompt": prompt, "n_predict": n_predict}
     cache = outdir / "cache" / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -104,22 +104,21 @@ def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | 
 
     embeddings = _EmbeddingMeasure(src, images, n_threads)
     vision = {}
-    for t in mmproj_types:
+    for i, t in enumerate(mmproj_types):
+        _step(progress, "measuring mmproj types", i, len(mmproj_types))
         vision[t] = _cached(cache / f"mmproj-{t}.json", lambda t=t: embeddings.measure(gguf.mmproj(t)))
-        v = vision[t]
-        say(f"mmproj {t}: NMSE {v['nmse']:.2e}, cosine {v['cosine']:.6f}, {v['encode_ms']:.0f} ms per image")
-    baseline = _baseline(cache / "baseline.npz", gguf, images, prompt, n_predict, n_threads, say)
+    baseline = _baseline(cache / "baseline.npz", gguf, images, prompt, n_predict, n_threads, progress)
 
     rows = []
     combos = list(product(mmproj_types, model_types))
-    for i, (m, t) in enumerate(combos, 1):
+    for i, (m, t) in enumerate(combos):
+        _step(progress, "measuring combinations", i, len(combos))
         div = _cached(cache / f"combo-{m}+{t}.json",
                       lambda m=m, t=t: _divergence(gguf.model(t), gguf.mmproj(m), images, prompt, baseline, n_threads))
         v = vision[m]
         rows.append(Row(m, t, gguf.mmproj(m).stat().st_size, gguf.model(t).stat().st_size, v["encode_ms"],
                         v["nmse"], v["cosine"], **div))
-        say(f"[{i}/{len(combos)}] mmproj {m} + model {t}: KL mean {div['kl_mean']:.3e}, max {div['kl_max']:.3e}, "
-            f"top-1 {div['top1_agree']:.1%}")
+    _step(progress, "measuring combinations", len(combos), len(combos))
     write_report(rows, outdir, src, len(images), prompt, n_predict)
     return rows
 
@@ -127,8 +126,8 @@ def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | 
 class _GGUFs:
     """The f32 pair converted from the checkpoint, and every other type derived from it on first use."""
 
-    def __init__(self, src: Path, out: Path, n_threads: int | None, say: Callable[[str], None]):
-        self.out, self.n_threads, self.say = out, n_threads, say
+    def __init__(self, src: Path, out: Path, n_threads: int | None, progress: Progress | None):
+        self.out, self.n_threads, self.progress = out, n_threads, progress
         out.mkdir(parents=True, exist_ok=True)
         stamp, fingerprint = out / "source.json", _source_fingerprint(src)
         if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
@@ -136,22 +135,20 @@ class _GGUFs:
                                "use another output directory or delete it")
         stamp.write_text(json.dumps(fingerprint, indent=1))
         if not (self.model("f32").is_file() and self.mmproj("f32").is_file()):
-            say(f"converting {src} to f32 GGUFs in {out}")
-            convert(src, out, "f32", "f32", force=True)
+            convert(src, out, "f32", "f32", force=True, progress=progress)
 
     def mmproj(self, t: str) -> Path:
         """The mmproj of type `t`, requantized from the f32 one if not there yet."""
         path = self.out / f"mmproj-{t}.gguf"
         if t != "f32" and not path.is_file():
-            self.say(f"writing {path.name}")
-            requantize_mmproj(self.out / "mmproj-f32.gguf", path, t)
+            requantize_mmproj(self.out / "mmproj-f32.gguf", path, t, progress=self.progress)
         return path
 
     def model(self, t: str) -> Path:
         """The LLM of type `t`, quantized by llama.cpp from the f32 one if not there yet."""
         path = self.out / f"model-{t}.gguf"
         if t != "f32" and not path.is_file():
-            self.say(f"writing {path.name} (llama.cpp's quantizer)")
+            _step(self.progress, f"writing {path.name} (llama.cpp's quantizer)", 0, 1)
             quantize_llm(self.out / "model-f32.gguf", path, t, n_threads=self.n_threads)
         return path
 
@@ -193,15 +190,15 @@ class _EmbeddingMeasure:
 
 
 def _baseline(path: Path, gguf: _GGUFs, images: list[ImageInput], prompt: str, n_predict: int,
-              n_threads: int | None, say: Callable[[str], None]) -> list[tuple[list[int], np.ndarray]]:
+              n_threads: int | None, progress: Progress | None) -> list[tuple[list[int], np.ndarray]]:
     """Per image: the f32 pair's greedy answer and its scored logits [len + 1, n_vocab] (cached in `path`)."""
     if path.is_file():
         with np.load(path) as z:
             return [(z[f"tokens{i}"].tolist(), z[f"logits{i}"]) for i in range(len(images))]
-    say(f"f32 answers: {n_predict} greedy tokens per image")
     out = []
     with _session(gguf.model("f32"), gguf.mmproj("f32"), n_threads) as session:
-        for image in images:
+        for i, image in enumerate(images):
+            _step(progress, "f32 answers", i, len(images))
             tokens = session.generate(prompt, images=[image], temperature=0, max_tokens=n_predict).wait().tokens
             out.append((tokens, _score(session, prompt, tokens, image)))
     arrays = {}
@@ -232,8 +229,13 @@ def _score(session: Session, prompt: str, tokens: list[int], image: ImageInput) 
     return session.score(prompt, tokens, images=[image])
 
 
+def _step(progress: Progress | None, what: str, done: int, total: int) -> None:
+    if progress:
+        progress(what, done, total)
+
+
 def _session(model: Path, mmproj: Path, n_threads: int | None) -> Session:
-    return Session(model, mmproj, n_ctx=N_CTX, n_threads=n_threads, kv_type="f32", flash_attn=False)
+    return Session(model, mmproj, n_threads=n_threads, kv_type="f32", flash_attn=False)
 
 
 def _cached(path: Path, compute: Callable[[], dict]) -> dict:
@@ -272,8 +274,8 @@ def _image_digest(image: ImageInput) -> str:
 
 
 def write_report(rows: list[Row], outdir: Path, src: Path, n_images: int, prompt: str, n_predict: int) -> None:
-    """Write quant-report.md, quant-report.csv and quant-report.png into `outdir`."""
-    md, csv_path, png = (outdir / name for name in OUTPUTS)
+    """Write quant-report.md, .csv, .png (size against KL) and -encode.png (encode time against size) into `outdir`."""
+    md, csv_path, png, encode_png = (outdir / name for name in OUTPUTS)
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
         writer.writeheader()
@@ -281,6 +283,8 @@ def write_report(rows: list[Row], outdir: Path, src: Path, n_images: int, prompt
     md.write_text(markdown_table(rows, src, n_images, prompt, n_predict))
     points = [Point((r.mmproj_bytes + r.model_bytes) / MIB, r.kl_mean, r.mmproj_type, r.model_type) for r in rows]
     draw_size_vs_kl(points, png, f"{src.name}: size against KL to the f32 pair")
+    per_mmproj = {r.mmproj_type: (r.mmproj_bytes / MIB, r.encode_ms) for r in rows}
+    draw_encode_vs_size(per_mmproj, encode_png, f"{src.name}: mmproj size against encode time per image")
 
 
 def markdown_table(rows: list[Row], src: Path, n_images: int, prompt: str, n_predict: int) -> str:
@@ -309,13 +313,12 @@ def quant_report_command(args: argparse.Namespace) -> int:
     DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES); `--image` (Path, action="append", default None: drawn scenes);
     `-p/--prompt` (str, default None: QUESTION); `-n/--n-predict` (int, default 32); `-o/--outdir` (Path,
     required); `--threads` (int, default None: all CPUs); `-q/--quiet` from the common options. Prints the
-    Markdown report on stdout; progress goes to stderr.
+    Markdown report on stdout; progress bars go to stderr when it is a terminal.
     """
-    say = None if args.quiet else (lambda msg: print(f"[quant-report] {msg}", file=sys.stderr, flush=True))
     quant_report(args.src, args.outdir, _types(args.mmproj_types, DEFAULT_MMPROJ_TYPES),
                  _types(args.model_types, DEFAULT_MODEL_TYPES), images=args.image,
                  prompt=QUESTION if args.prompt is None else args.prompt, n_predict=args.n_predict,
-                 n_threads=args.threads, say=say)
+                 n_threads=args.threads, progress=bars(args.quiet))
     print((Path(args.outdir) / OUTPUTS[0]).read_text(), end="")
     return 0
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3v.converters.config import TextConfig
+from llama3v.hf.config import TextConfig
 
 
 def rope_inv_freq(cfg: TextConfig) -> Tensor:

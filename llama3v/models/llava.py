@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3v.converters.config import LlavaConfig
-from llama3v.converters.layouts import LlavaCheckpoint, load_llava
 from llama3v.errors import Llama3vError
+from llama3v.hf.config import LlavaConfig
+from llama3v.hf.key_formats import LlavaCheckpoint, load_llava
 from llama3v.models.llama import Llama
+from llama3v.models.s2 import bicubic, s2_features
 from llama3v.models.vision import Projector, VisionTower
 
 
@@ -52,7 +53,7 @@ class LlavaReference:
         # Build on the meta device so no memory is spent on an initialisation that loading overwrites.
         with torch.device("meta"):
             vision = VisionTower(cfg.vision, cfg.n_feature_blocks)
-            projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector,
+            projector = Projector(cfg.projector_in, cfg.text.hidden_size, cfg.projector,
                                   bias="projector.linear_1.bias" in ckpt)
             # A missing lm_head means tied weights even when the config says otherwise: transformers 5.x
             # keeps the flag on the LLaVA config, not always on text_config.
@@ -68,18 +69,30 @@ class LlavaReference:
         """Width of the LLM's embeddings (and of every media row)."""
         return self.config.text.hidden_size
 
+    @property
+    def input_size(self) -> int:
+        """The side of the images `encode_tiles` takes: the tower's, or the largest S2 scale."""
+        return self.config.s2_scales[-1] if self.config.s2_scales else self.config.vision.image_size
+
     @torch.no_grad()
-    def encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """RGB uint8 tiles [N, S, S, 3] (S = image_size) -> projected embeddings float32 [N * n_patches, n_embd]."""
-        size = self.config.vision.image_size
+    def encode_tiles(self, tiles: np.ndarray, resize: Callable[[torch.Tensor, int], torch.Tensor] = bicubic
+                     ) -> np.ndarray:
+        """RGB uint8 tiles [N, S, S, 3] (S = input_size) -> projected embeddings float32 [N * n_patches, n_embd].
+
+        An S2 checkpoint's tiles are its largest scale, encoded as Bunny's S2 tower does (models/s2.py; `resize`
+        replaces its bicubic resize of the normalised image, to measure another).
+        """
+        size = self.input_size
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (size, size, 3):
             raise ValueError(f"tiles must be uint8 [N, {size}, {size}, 3], got {tiles.dtype} {list(tiles.shape)}")
         x = torch.from_numpy(np.array(tiles)).permute(0, 3, 1, 2).float()  # a writable copy
         mean = torch.tensor(self.config.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-        feats = self.projector(self.vision((x / 255.0 - mean) / std))
-        return feats.reshape(-1, self.n_embd).float().numpy()
+        pixels = (x / 255.0 - mean) / std
+        scales = self.config.s2_scales
+        feats = s2_features(self.vision, pixels, scales, resize) if scales else self.vision(pixels)
+        return self.projector(feats).reshape(-1, self.n_embd).float().numpy()
 
     @torch.no_grad()
     def encode_anyres(self, tiles: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llama3v.converters.config import VisionConfig
+from llama3v.hf.config import VisionConfig
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ def gelu_new(x: Tensor) -> Tensor:
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": quick_gelu,
-    "gelu": F.gelu,  # erf-exact, as HF; ggml approximates it (DESIGN.md, fidelity)
+    "gelu": F.gelu,  # erf-exact, as HF; ggml approximates it (docs/fidelity.md)
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu_new": gelu_new,
     "silu": F.silu,
@@ -77,7 +77,7 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    """fc1, activation, fc2."""
+    """fc1, activation, fc2 (any vision config with hidden_size, intermediate_size and hidden_act)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
+from llama3v.errors import Llama3vError, Llama3vWarning
 from llama3v.gguf_header import read_tensor
-from llama3v.runtime import engine
-from llama3v.runtime.gguf_check import check_mmproj, read_gguf
+from llama3v.runtime import engine, selfcheck
+from llama3v.runtime.gguf_check import check_mmproj, is_mllama, read_gguf
 from llama3v.runtime.image_processing import ImageSpec
+from llama3v.runtime.s2 import S2Head
 
 _FLASH_ATTN = {None: -1, False: 0, True: 1}  # llama_flash_attn_type: auto, disabled, enabled
+_verdict: dict[str, str] = {}  # the engine self-check runs once per process
 
 
 class VisionEncoder:
@@ -30,11 +35,23 @@ class VisionEncoder:
         check_engine: bool = True,
     ):
         self.path = Path(mmproj_path)
-        info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS,))
+        info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS, S.S2_SCALES))
+        if is_mllama(info):  # its states are cross-attention inputs, not context rows: runtime/mllama.py encodes it
+            raise info.fail("a Llama-3.2-Vision (mllama) mmproj: its vision states are not rows of the context, so "
+                            "`embed` and libmtmd do not take it; run it with its model (docs/mllama.md)")
         self.n_embd = check_mmproj(info)
-        size = int(info.get(S.IMAGE_SIZE))
+        if S.FEATURE_LAYER not in info.kv:
+            warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
+        self.crop_size = size = int(info.get(S.IMAGE_SIZE))  # what libmtmd encodes in one pass
         self.grid = size // int(info.get(S.PATCH_SIZE))  # patches per tile side
         self.tokens_per_tile = self.grid ** 2
+        # S2: a tile is the image at the largest scale; libmtmd's output is the tower's, projected here, so
+        # libmtmd must not hold it to the LLM's width.
+        self.s2 = S2Head.from_gguf(info) if S.S2_SCALES in info.kv else None
+        self._crop_width = self.n_embd
+        if self.s2 is not None:
+            size, text_model = self.s2.scales[-1], None
+            self._crop_width = int(info.get(S.EMBEDDING_LENGTH))
         flat = info.get(S.GRID_PINPOINTS) or []
         pinpoints = tuple((flat[i + 1], flat[i]) for i in range(0, len(flat) - 1, 2))  # stored (width, height)
         self.spec = ImageSpec(size=size, mode=str(info.get(S.PREPROCESS_MODE, "resize")),
@@ -43,8 +60,6 @@ class VisionEncoder:
         # HF-faithful arrangement where the checkpoint had LLaVA-NeXT's newline vector, else libmtmd's.
         self.default_layout = "hf" if self.newline is not None else "llama.cpp"
         if S.CLASS_EMBD in info.tensors and check_engine:
-            from llama3v.runtime.selfcheck import require_fixed_engine
-
             require_fixed_engine()
         _, mtmd = engine.libs()
         self._mtmd = mtmd
@@ -65,6 +80,13 @@ class VisionEncoder:
         size = self.spec.size
         if tile.shape != (size, size, 3) or tile.dtype != np.uint8:
             raise Llama3vError(f"tiles must be uint8 [{size}, {size}, 3], got {tile.dtype} {list(tile.shape)}")
+        rows = self._encode_crop(tile) if self.s2 is None else self.s2.encode(tile, self._encode_crop, self.grid)
+        self.n_encodes += 1
+        return rows
+
+    def _encode_crop(self, tile: np.ndarray) -> np.ndarray:
+        """libmtmd's output for one tile of the tower's size."""
+        size = self.crop_size
         m = self._mtmd
         data = np.ascontiguousarray(tile)
         bitmap = m.mtmd_bitmap_init(size, size, data.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
@@ -82,11 +104,11 @@ class VisionEncoder:
             if m.mtmd_encode_chunk(self._ctx, chunk) != 0:
                 raise engine.failure(f"{self.path}: libmtmd failed to encode the image")
             out = m.mtmd_get_output_embd(self._ctx)
-            rows = np.ctypeslib.as_array(out, shape=(n_tok * self.n_embd,)).reshape(n_tok, self.n_embd).copy()
+            width = self._crop_width
+            rows = np.ctypeslib.as_array(out, shape=(n_tok * width,)).reshape(n_tok, width).copy()
         finally:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
-        self.n_encodes += 1
         return rows
 
     def close(self) -> None:
@@ -97,3 +119,38 @@ class VisionEncoder:
 
     def __del__(self) -> None:
         self.close()
+
+
+def engine_verdict() -> str:
+    """Run the self-check probe (runtime/selfcheck.py) through this process's libmtmd once; FIXED, UNPATCHED or
+    UNEXPECTED."""
+    if "verdict" not in _verdict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.gguf"
+            selfcheck.write_probe(path)
+            encoder = VisionEncoder(path, n_threads=1, check_engine=False, flash_attn=False)
+            try:
+                output = encoder.encode(selfcheck.probe_pixels())
+            finally:
+                encoder.close()
+        _verdict["verdict"] = selfcheck.classify(output, *selfcheck.predictions())
+    return _verdict["verdict"]
+
+
+def require_fixed_engine() -> None:
+    """Raise unless libmtmd handles the class token correctly (skippable for measurements)."""
+    if os.environ.get(selfcheck.SKIP_ENV) == "1":
+        return
+    verdict = engine_verdict()
+    if verdict == selfcheck.UNPATCHED:
+        raise Llama3vError(selfcheck.INSTALL_HINT)
+    if verdict == selfcheck.UNEXPECTED:
+        raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + selfcheck.INSTALL_HINT)
+
+
+def _missing_feature_layer(path: Path, blocks: int) -> str:
+    """What an mmproj without clip.vision.feature_layer does in libmtmd, and the fix (docs/formats.md)."""
+    return (f"{path} has no clip.vision.feature_layer: libmtmd runs only {blocks - 1} of its {blocks} vision blocks "
+            "(llama.cpp #25817), so its image embeddings are not the checkpoint's. Files from llama.cpp's legacy "
+            f"LLaVA converter need all {blocks}: run `llama3v fix-mmproj {path}` (adds feature_layer = [{blocks}]), "
+            "or convert the checkpoint with `llama3v convert`")

@@ -89,3 +89,36 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
+
+
+# llama3v's mllama API (patches/0005 and 0006), which llama-cpp-python's bindings do not declare.
+_F32P = ctypes.POINTER(ctypes.c_float)
+_MLLAMA_API = {
+    "llama_mllama_add_image": ([ctypes.c_void_p, _F32P, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                ctypes.c_int32], ctypes.c_int32),
+    "llama_mllama_clear_images": ([ctypes.c_void_p], None),
+    "llama_mllama_n_images": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_mllama_vision_load": ([ctypes.c_char_p], ctypes.c_void_p),
+    "llama_mllama_vision_free": ([ctypes.c_void_p], None),
+    "llama_mllama_vision_n_rows": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_mllama_vision_n_embd": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_mllama_vision_encode": ([ctypes.c_void_p, _F32P, ctypes.c_int32, ctypes.c_int32, _F32P, ctypes.c_int32],
+                                   ctypes.c_int32),
+}
+
+
+def mllama_lib() -> ctypes.CDLL:
+    """libllama with the mllama functions declared; a clear error when this engine lacks them."""
+    if "mllama" not in _state:
+        llama, _ = libs()
+        lib = llama.llama_cpp._lib
+        for name, (args, res) in _MLLAMA_API.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                raise Llama3vError("mllama inference needs llama3v's mllama engine patch (patches/0005, 0006), which "
+                                   "this llama-cpp-python lacks: build the engine with `make setup` "
+                                   "(docs/mllama.md)") from None
+            fn.argtypes, fn.restype = args, res
+        _state["mllama"] = lib
+    return _state["mllama"]

@@ -27,6 +27,9 @@ from llama3v.errors import Llama3vError
 
 MODES = ("resize", "squash", "pad")
 MAX_PIXELS = 100_000_000  # refuse larger images (decompression bombs); ImageSpec.max_pixels overrides
+# Pillow's own bomb check (a warning past its limit, an error past twice that) would otherwise enforce its default
+# of 89.48 M pixels; load_image checks the image's size against max_pixels itself, from the header.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
@@ -50,6 +53,8 @@ class ImageSpec:
         for h, w in self.grid_pinpoints:
             if h <= 0 or w <= 0 or h % self.size or w % self.size:
                 raise Llama3vError(f"grid pinpoint {h}x{w} is not a multiple of the tower size {self.size}")
+            if h * w > self.max_pixels:  # the anyres canvas has this size
+                raise Llama3vError(f"grid pinpoint {h}x{w} exceeds the {self.max_pixels:,}-pixel limit")
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,13 @@ def select_best_resolution(size: tuple[int, int], pinpoints: tuple[tuple[int, in
     return best
 
 
-def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
-    size = (image.width, image.height)
-    base = np.asarray(image.resize((spec.size, spec.size), Image.Resampling.BICUBIC))
+def anyres_fit(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int, int, int] | None:
+    """Where anyres puts an image of `size` (w, h): canvas height and width, resized width and height (centred
+    on the canvas); None when --max-tiles is below every grid (the base view alone)."""
     pinpoints = tuple(p for p in spec.grid_pinpoints
                       if spec.max_tiles is None or (p[0] // spec.size) * (p[1] // spec.size) <= spec.max_tiles)
-    if not pinpoints:  # --max-tiles below every grid: the base view alone
-        return ProcessedImage(base[None], TileLayout("anyres", (0, 0), size))
+    if not pinpoints:
+        return None
     th, tw = select_best_resolution(size, pinpoints)
     w, h = size
     scale_w, scale_h = tw / w, th / h  # HF's arithmetic, in HF's order: ceil(300 * (336 / 300)) is 337
@@ -116,12 +121,50 @@ def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
         nw, nh = tw, min(math.ceil(h * scale_w), th)
     else:
         nw, nh = min(math.ceil(w * scale_h), tw), th
+    return th, tw, nw, nh
+
+
+def _anyres(image: Image.Image, spec: ImageSpec) -> ProcessedImage:
+    size = (image.width, image.height)
+    base = np.asarray(image.resize((spec.size, spec.size), Image.Resampling.BICUBIC))
+    fit = anyres_fit(size, spec)
+    if fit is None:
+        return ProcessedImage(base[None], TileLayout("anyres", (0, 0), size))
+    th, tw, nw, nh = fit
     resized = image.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != size else image
     canvas = np.zeros((th, tw, 3), np.uint8)  # HF pads with black
     top, left = (th - nh) // 2, (tw - nw) // 2
     canvas[top:top + nh, left:left + nw] = np.asarray(resized)
     tiles = [base, *_cut(canvas, spec.size)]
     return ProcessedImage(np.stack(tiles), TileLayout("anyres", (th // spec.size, tw // spec.size), size))
+
+
+Box = tuple[float, float, float, float]  # x, y, width, height in the original image's pixels
+
+
+def tile_boxes(layout: TileLayout, spec: ImageSpec) -> tuple[Box, list[Box]]:
+    """What each tile of `layout` covers of the original image: the base (or single) view, then the
+    high-resolution tiles row by row (the order they are encoded in). Padding is clipped away."""
+    w, h = layout.image_size
+    if spec.mode == "resize" and layout.kind != "anyres":  # shortest edge to the tower size, centre crop
+        side = min(w, h)
+        base = ((w - side) / 2, (h - side) / 2, float(side), float(side))
+    else:  # squashed, or padded to a square around the whole image
+        base = (0.0, 0.0, float(w), float(h))
+    rows, cols = layout.grid
+    if layout.kind == "slices":
+        return base, [(c * w / cols, r * h / rows, w / cols, h / rows) for r in range(rows) for c in range(cols)]
+    if layout.kind != "anyres" or rows == 0:
+        return base, []
+    th, tw, nw, nh = anyres_fit((w, h), spec)
+    top, left, sx, sy, s = (th - nh) // 2, (tw - nw) // 2, w / nw, h / nh, spec.size
+    tiles = []
+    for r in range(rows):
+        for c in range(cols):
+            x0, y0 = max(c * s - left, 0) * sx, max(r * s - top, 0) * sy
+            x1, y1 = min((c + 1) * s - left, nw) * sx, min((r + 1) * s - top, nh) * sy
+            tiles.append((x0, y0, max(x1 - x0, 0.0), max(y1 - y0, 0.0)))
+    return base, tiles
 
 
 def slice_grid(size: tuple[int, int], tile: int, max_tiles: int) -> tuple[int, int]:
@@ -144,8 +187,13 @@ def _cut(canvas: np.ndarray, size: int) -> list[np.ndarray]:
             for r in range(rows) for c in range(cols)]
 
 
-def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image from a path, bytes, a PIL image or a uint8 array; return it decoded, upright, RGB."""
+def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS, spec: ImageSpec | None = None) -> Image.Image:
+    """Open an image from a path, bytes, a PIL image or a uint8 array; return it decoded, upright, RGB.
+
+    The size is checked from the header before decoding: against `max_pixels` (`spec.max_pixels` when a spec is
+    given) and, with a spec, against the intermediate its preprocessing would need (a very elongated image)."""
+    if spec is not None:
+        max_pixels = spec.max_pixels
     if isinstance(source, np.ndarray):
         if source.ndim >= 2 and source.shape[0] * source.shape[1] > max_pixels:
             raise Llama3vError(f"{source.shape[1]}x{source.shape[0]} image exceeds the {max_pixels:,}-pixel limit")
@@ -159,15 +207,17 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         data = source if isinstance(source, bytes) else None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here, with our limit
                 image = Image.open(io.BytesIO(data) if data is not None else source)
                 w, h = image.size
                 if w * h > max_pixels:
                     raise Llama3vError(f"{name}: {w}x{h} image exceeds the {max_pixels:,}-pixel limit")
+                if spec is not None:
+                    check_elongation(w, h, spec)
                 image.load()
         except Llama3vError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except Image.DecompressionBombError as e:
             raise Llama3vError(f"{name}: image too large ({e})") from e
         except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable data
             raise Llama3vError(f"{name}: not a readable image ({e})") from e
@@ -210,13 +260,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 def prepare_tile(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """One tile of spec.size x spec.size, uint8 RGB [H, W, 3], prepared as HF's processor does."""
-    w, h = image.size
-    # HF's steps build a padded square or a shortest-edge resize before cropping: for a very
-    # elongated image either can be far larger than the image (1x100000 -> 336 x 33.6M pixels).
-    work = {"pad": max(w, h) ** 2, "resize": spec.size * int(spec.size * max(w, h) / min(w, h)), "squash": 0}
-    if work[spec.mode] > spec.max_pixels:
-        raise Llama3vError(f"a {w}x{h} image is too elongated for {spec.mode!r} preprocessing "
-                           f"(it would need a {work[spec.mode]:,}-pixel intermediate)")
+    check_elongation(*image.size, spec)
     if spec.mode == "pad":
         image = expand_to_square(image, tuple(int(m * 255) for m in spec.mean))
     if spec.mode == "squash":
@@ -225,6 +269,18 @@ def prepare_tile(image: Image.Image, spec: ImageSpec) -> np.ndarray:
         image = resize_shortest_edge(image, spec.size)
         image = center_crop(image, spec.size)
     return np.asarray(image, dtype=np.uint8)
+
+
+def check_elongation(w: int, h: int, spec: ImageSpec) -> None:
+    """Refuse an image whose preprocessing intermediate would exceed the pixel limit.
+
+    HF's steps build a padded square or a shortest-edge resize before cropping: for a very elongated image
+    either can be far larger than the image (1x100000 -> 336 x 33.6M pixels)."""
+    work = {"pad": max(w, h) ** 2, "resize": spec.size * int(spec.size * max(w, h) / max(min(w, h), 1)),
+            "squash": 0}
+    if work[spec.mode] > spec.max_pixels:
+        raise Llama3vError(f"a {w}x{h} image is too elongated for {spec.mode!r} preprocessing "
+                           f"(it would need a {work[spec.mode]:,}-pixel intermediate)")
 
 
 def expand_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:

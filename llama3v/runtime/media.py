@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llama3v.progress import Progress
 from llama3v.runtime.encoder import VisionEncoder
-from llama3v.runtime.image_processing import ImageInput, load_image, prepare_tile, process_image
-from llama3v.runtime.layout import arrange_anyres, n_rows, slice_separators
+from llama3v.runtime.image_processing import ImageInput, ImageSpec, load_image, prepare_tile, process_image
+from llama3v.runtime.tile_arrangement import arrange_anyres, n_rows, slice_separators
 from llama3v.runtime.video import Sampling, VideoReader
 from llama3v.runtime.video_budget import DEFAULT_MEASURE, plan_budget, timestamp_text
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 class EncodeCache:
@@ -53,13 +52,72 @@ class EncodeCache:
 
 
 @dataclass
+class MediaInfo:
+    """What one image or video became in the prompt: one record, shared by all its blocks of rows.
+
+    The encode times fill in as tiles and frames are encoded (0 for those found in the cache), so
+    `encode_ms` is their sum whenever it is read.
+    """
+
+    media: int  # position among the prompt's media
+    kind: str  # "image" or "video"
+    tile_encode_ms: list[float]  # per tile (image) or sampled frame (video)
+    rows: int = 0  # rows it puts in the context, once its parts are made
+    # Images (runtime/image_processing.py, runtime/tile_arrangement.py).
+    layout: str | None = None  # "single", "anyres" or "slices"
+    grid: list[int] | None = None  # tile rows and columns
+    n_tiles: int | None = None
+    image_size: list[int] | None = None  # width and height before tiling
+    # Videos (runtime/video_budget.py).
+    n_frames: int | None = None  # frames sampled
+    frames_kept: int = 0  # frames that keep any rows within the budget
+    rows_before: int | None = None  # rows of all sampled frames, unpooled
+    budget: int | None = None  # None: no limit
+    pooled: bool | None = None
+    threshold: float | None = None  # pruning threshold, 0 when nothing was pruned
+
+    @property
+    def encode_ms(self) -> float:
+        """Milliseconds spent encoding its tiles or frames."""
+        return sum(self.tile_encode_ms)
+
+    def to_json(self, encode_times: bool = True) -> dict:
+        """The `--json` and `embed` form: an image's or a video's fields (with the encode times unless told)."""
+        out: dict = {"media": self.media, "kind": self.kind}
+        if self.kind == "image":
+            out.update(layout=self.layout, grid=self.grid, n_tiles=self.n_tiles)
+        else:
+            out.update(n_frames=self.n_frames, frames_kept=self.frames_kept, rows_before=self.rows_before,
+                       budget=self.budget, pooled=self.pooled, threshold=self.threshold)
+        if encode_times:
+            out.update(tile_encode_ms=self.tile_encode_ms, rows=self.rows, encode_ms=self.encode_ms)
+        return out
+
+
+@dataclass
 class Rows:
-    """A block of embedding rows: identity key, row count, description, and how to compute them."""
+    """A block of embedding rows: identity key, row count, the media item it belongs to and where in it, and how
+    to compute them."""
 
     key: str
     n: int
-    meta: dict
+    info: MediaInfo
     compute: Callable[[], np.ndarray] = field(repr=False)
+    tile: int | None = None  # image: the tile (None for an anyres image, whose tiles are one block)
+    style: str | None = None  # anyres: the arrangement, "hf" or "llama.cpp"
+    frame: int | None = None  # video: the frame's index in the file
+    timestamp: float | None = None  # video: its time in seconds
+
+    def to_json(self) -> dict:
+        """This block for `embed`'s OUT.json: its media item's fields, then where in it the block is."""
+        out = self.info.to_json(encode_times=False)
+        if self.info.kind == "image":
+            out["tile"] = self.tile
+            if self.style is not None:
+                out["style"] = self.style
+        else:
+            out.update(frame=self.frame, timestamp=self.timestamp)
+        return out
 
     def data(self) -> np.ndarray:
         """The rows [n, n_embd], computed on first use."""
@@ -71,13 +129,11 @@ class Rows:
 Part = str | Rows
 
 
-def describe(parts: list[Part]) -> dict:
-    """A media item's summary for results and --json: kind, layout, tiles, rows, encode times (ms)."""
+def describe(parts: list[Part]) -> MediaInfo:
+    """The record of the media item whose prompt parts these are, with its row count."""
     blocks = [p for p in parts if isinstance(p, Rows)]
-    meta = blocks[0].meta
-    info = {k: v for k, v in meta.items() if k not in ("tile", "frame", "timestamp", "style")}
-    info["rows"] = sum(b.n for b in blocks)
-    info["encode_ms"] = sum(meta.get("tile_encode_ms", []))
+    info = blocks[0].info
+    info.rows = sum(b.n for b in blocks)
     return info
 
 
@@ -137,36 +193,37 @@ def video_parts(video: SampledVideo, encoder: VisionEncoder, cache: EncodeCache,
     embeddings = [frame_rows(f) for f in range(n)] if measure == "embeddings" else None
     plan = plan_budget(n, g, budget if budget is not None else n * g * g, pixels=video.tiles,
                        embeddings=embeddings, measure=measure)
-    meta = {"media": video.index, "kind": "video", "n_frames": n, "frames_kept": 0, "rows_before": n * g * g,
-            "budget": budget,
-            "pooled": plan.pooled, "threshold": plan.threshold, "tile_encode_ms": frame_ms}
+    info = MediaInfo(video.index, "video", frame_ms, n_frames=n, rows_before=n * g * g, budget=budget,
+                     pooled=plan.pooled, threshold=plan.threshold)
     parts: list[Part] = []
     for f in range(n):
         positions = plan.positions[f]
         if len(positions) == 0:
             continue
-        meta["frames_kept"] += 1
+        info.frames_kept += 1
         key = hashlib.sha256((video.keys[f] + str(plan.pooled)).encode() + positions.tobytes()).hexdigest()[:32]
         parts.append(video.timestamp_texts[f])
-        parts.append(Rows(key, len(positions), {**meta, "frame": video.frames[f], "timestamp": video.timestamps[f]},
-                          lambda f=f: plan.take(f, frame_rows(f))))
-    for part in parts:  # every block shares the summary counters
-        if isinstance(part, Rows):
-            part.meta.update(frames_kept=meta["frames_kept"])
+        parts.append(Rows(key, len(positions), info, lambda f=f: plan.take(f, frame_rows(f)),
+                          frame=video.frames[f], timestamp=video.timestamps[f]))
     return parts
+
+
+def image_spec(encoder: VisionEncoder, max_tiles: int | None = None) -> ImageSpec:
+    """The encoder's image spec with a session's --max-tiles applied."""
+    return replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
 
 
 def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: EncodeCache,
                 max_tiles: int | None = None, layout_style: str | None = None,
                 progress: Progress | None = None) -> list[Part]:
-    """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/layout.py)."""
-    spec = replace(encoder.spec, max_tiles=max_tiles) if max_tiles is not None else encoder.spec
-    processed = process_image(load_image(source, spec.max_pixels), spec)
+    """The prompt parts of one image: its tiles' rows, arranged as its layout says (runtime/tile_arrangement.py)."""
+    spec = image_spec(encoder, max_tiles)
+    processed = process_image(load_image(source, spec=spec), spec)
     layout, g = processed.layout, encoder.grid
     keys = [_key(encoder, tile) for tile in processed.tiles]
     tile_ms = [0.0] * len(keys)  # encode time per tile; stays 0 for tiles found in the cache
-    meta = {"media": index, "kind": "image", "layout": layout.kind, "grid": list(layout.grid),
-            "n_tiles": len(keys), "tile_encode_ms": tile_ms}
+    info = MediaInfo(index, "image", tile_ms, layout=layout.kind, grid=list(layout.grid), n_tiles=len(keys),
+                     image_size=list(layout.image_size))
 
     progress_tiles = len(keys) > 1 and progress
 
@@ -183,13 +240,13 @@ def image_parts(source: ImageInput, index: int, encoder: VisionEncoder, cache: E
     if layout.kind == "anyres":
         style = layout_style or encoder.default_layout
         key = hashlib.sha256(("".join(keys) + style).encode()).hexdigest()[:32]
-        return [Rows(key, n_rows(layout, g, style), {**meta, "tile": None, "style": style},
+        return [Rows(key, n_rows(layout, g, style), info,
                      lambda: arrange_anyres([tile_rows(i) for i in range(len(keys))], layout, g, style,
-                                            encoder.newline))]
+                                            encoder.newline), style=style)]
     parts: list[Part] = []
     separators = slice_separators(layout) if layout.kind == "slices" else [""]
     for i, sep in enumerate(separators):
-        parts.append(Rows(keys[i], g * g, {**meta, "tile": i}, lambda i=i: tile_rows(i)))
+        parts.append(Rows(keys[i], g * g, info, lambda i=i: tile_rows(i), tile=i))
         if sep:
             parts.append(sep)
     return parts

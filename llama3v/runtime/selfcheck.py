@@ -5,26 +5,23 @@ zero weights (an identity), identity projector matrices, so each output row is
 gelu(patch_embedding + position_embedding). A fixed graph puts the class token first and gives
 patch p the position p + 1; the unpatched graph appends it last, so every patch takes its
 neighbour's position and the last row is the class token. The decision compares libmtmd's output
-with both predictions.
+with both predictions. The encoder runs the probe (runtime/encoder.py: engine_verdict); this module
+holds the probe and the decision, and imports no part of the runtime.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter
 
 from llama3v import gguf_schema as S
-from llama3v.errors import Llama3vError
 
 SKIP_ENV = "LLAMA3V_SKIP_ENGINE_CHECK"  # lets a developer measure a stock build on purpose
 FIXED, UNPATCHED, UNEXPECTED = "fixed", "unpatched", "unexpected"
 _SIZE, _PATCH, _EMBD, _FF = 4, 2, 8, 16
 _TOLERANCE = 0.05  # ggml's fp16 gelu table is off by ~1e-3; the two hypotheses differ by > 0.1
-_verdict: dict[str, str] = {}
 
 INSTALL_HINT = (
     "this llama-cpp-python build computes wrong embeddings for CLIP towers with a class token "
@@ -97,12 +94,11 @@ def write_probe(path: Path) -> None:
     w.add_array(S.FEATURE_LAYER, [1])
     for name, value in _probe_weights().items():
         w.add_tensor(name, value)
-    zeros = {"attn_q": (_EMBD, _EMBD), "attn_k": (_EMBD, _EMBD), "attn_v": (_EMBD, _EMBD),
-             "attn_out": (_EMBD, _EMBD), "ffn_up": (_FF, _EMBD), "ffn_down": (_EMBD, _FF)}
+    zeros = {**{part: (_EMBD, _EMBD) for part in S.VISION_ATTN_PARTS}, S.FFN_UP: (_FF, _EMBD), S.FFN_DOWN: (_EMBD, _FF)}
     for part, shape in zeros.items():
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="weight"), np.zeros(shape, np.float32))
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="bias"), np.zeros(shape[0], np.float32))
-    for part in ("ln1", "ln2"):
+    for part in (S.LN1, S.LN2):
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="weight"), np.ones(_EMBD, np.float32))
         w.add_tensor(S.VISION_BLOCK.format(bid=0, part=part, kind="bias"), np.zeros(_EMBD, np.float32))
     for idx in (0, 2):
@@ -112,31 +108,3 @@ def write_probe(path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def engine_verdict() -> str:
-    """Run the probe through this process's libmtmd once; FIXED, UNPATCHED or UNEXPECTED."""
-    if "verdict" not in _verdict:
-        from llama3v.runtime.encoder import VisionEncoder  # the encoder asks us; import late
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "probe.gguf"
-            write_probe(path)
-            encoder = VisionEncoder(path, n_threads=1, check_engine=False, flash_attn=False)
-            try:
-                output = encoder.encode(probe_pixels())
-            finally:
-                encoder.close()
-        _verdict["verdict"] = classify(output, *predictions())
-    return _verdict["verdict"]
-
-
-def require_fixed_engine() -> None:
-    """Raise unless libmtmd handles the class token correctly (skippable for measurements)."""
-    if os.environ.get(SKIP_ENV) == "1":
-        return
-    verdict = engine_verdict()
-    if verdict == UNPATCHED:
-        raise Llama3vError(INSTALL_HINT)
-    if verdict == UNEXPECTED:
-        raise Llama3vError("libmtmd gave an unexpected result on llama3v's built-in probe; " + INSTALL_HINT)

@@ -47,13 +47,22 @@ MAX_SAMPLED_FRAMES = 256  # frames one read may ask for (the caller keeps and en
 SEEK_COST_FRAMES = 24
 _EPS = 1e-6  # in frames: timestamps computed in float may land a hair below a frame boundary
 _MODES = ("auto", "grab", "seek")
-# Container signatures, to tell users what a file is when OpenCV cannot open it: (magic, offset, name).
-_MAGIC = ((b"RIFF", 0, "an AVI"), (b"ftyp", 4, "an MP4/MOV"), (b"\x1a\x45\xdf\xa3", 0, "a Matroska/WebM"),
-          (b"FLV", 0, "an FLV"), (b"OggS", 0, "an Ogg"))
+# The container formats FFmpeg may open, by signature: (magic, offset, name). Only these reach FFmpeg: it also
+# reads formats that open further files or URLs by name (concat lists, HLS and other playlists, SDP, image
+# sequences), which would let a file or an upload read what its sender may not.
+_MAGIC = ((b"RIFF", 0, "an AVI"), (b"ftyp", 4, "an MP4/MOV"), (b"moov", 4, "a QuickTime"), (b"mdat", 4, "a QuickTime"),
+          (b"wide", 4, "a QuickTime"), (b"free", 4, "a QuickTime"), (b"\x1a\x45\xdf\xa3", 0, "a Matroska/WebM"),
+          (b"FLV\x01", 0, "an FLV"), (b"OggS", 0, "an Ogg"), (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", 0, "an ASF/WMV"),
+          (b"\x00\x00\x01\xba", 0, "an MPEG-PS"))
+# The FFmpeg demuxers of those formats, and the one protocol: a second line of defence, applied by FFmpeg itself.
+_DEMUXERS = "mov,matroska,avi,flv,ogg,asf,mpeg,mpegts"
 _IMAGES = ((b"\xff\xd8\xff", "a JPEG"), (b"\x89PNG", "a PNG"), (b"BM", "a BMP"))
 # Users see our one-line errors, not FFmpeg's log lines: OpenCV reads this when it first loads FFmpeg, so it is
 # set on import (a value the user set wins).
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+# OpenCV passes these options to FFmpeg's avformat_open_input on every capture it opens: local files only, and only
+# the demuxers above.
+os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", f"protocol_whitelist;file|format_whitelist;{_DEMUXERS}")
 
 
 @dataclass(frozen=True)
@@ -350,13 +359,22 @@ def _check_file(path: Path) -> Path:
         head = f.read(512)
     if not head:
         raise Llama3vError(f"{path}: empty file (0 bytes)")
-    # FFmpeg also reads text formats (playlists, concat lists, SDP) that pull in other files or URLs.
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
-        raise Llama3vError(f"{path}: a text file, not a video")
     for magic, name in _IMAGES:
         if head.startswith(magic):
             raise Llama3vError(f"{path}: {name} image, not a video (pass it as an image)")
+    if container_kind(head) is None:
+        raise Llama3vError(f"{path}: not a video container llama3v reads (MP4/MOV, Matroska/WebM, AVI, FLV, Ogg, "
+                           "ASF, MPEG-PS/TS): playlists, concat lists and other text files are refused")
     return path.resolve()  # absolute, so FFmpeg never reads a "proto:" prefix as a protocol
+
+
+def container_kind(head: bytes) -> str | None:
+    """The container format whose signature starts `head` (a file's first 512 bytes), or None."""
+    if head[:4] == b"RIFF" and head[8:12] != b"AVI ":
+        return None
+    if len(head) > 188 and head[0] == head[188] == 0x47:  # MPEG-TS: a sync byte every 188-byte packet
+        return "an MPEG-TS"
+    return next((name for magic, at, name in _MAGIC if head[at:at + len(magic)] == magic), None)
 
 
 def _open(path: Path, name: Path) -> cv2.VideoCapture:
@@ -371,8 +389,8 @@ def _open(path: Path, name: Path) -> cv2.VideoCapture:
     if not cap.isOpened():
         cap.release()
         with open(path, "rb") as f:
-            head = f.read(16)
-        kind = next((name for magic, at, name in _MAGIC if head[at:at + len(magic)] == magic), None)
+            head = f.read(512)
+        kind = container_kind(head)
         if kind:
             raise Llama3vError(f"{name}: {kind} file OpenCV cannot open (unsupported codec, or truncated or corrupt)")
         raise Llama3vError(f"{name}: not a video OpenCV can read (unknown format, or truncated or corrupt)")

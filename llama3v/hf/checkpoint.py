@@ -90,6 +90,10 @@ def open_checkpoint(path: str | Path, weights_required: bool = True) -> Checkpoi
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise Llama3vError(f"{config_path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise Llama3vError(f"{config_path}: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise Llama3vError(f"{config_path}: must hold a JSON object, not a {type(config).__name__}")
 
     ckpt = Checkpoint(root=root, config=config, shapes={}, dtypes={})
     st_files = _weight_files(root, "model.safetensors", "model.safetensors.index.json", ".safetensors")

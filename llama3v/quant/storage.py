@@ -15,20 +15,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from llama3v import gguf_schema as S
-from llama3v import quant_types
-from llama3v.converters import ggml_quants
 from llama3v.errors import Llama3vError
+from llama3v.quant import ggml_quants
+from llama3v.quant.types import MMPROJ_TYPES
 
 if TYPE_CHECKING:
-    from llama3v.converters.writer import TensorPlan
+    from llama3v.gguf_writer import TensorPlan
 
 Q = GGMLQuantizationType
 F = LlamaFileType
-# The offered names and why (llama3v/quant_types.py), with their GGML types.
-MMPROJ_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.MMPROJ_TYPES}
-# The LLM types the converter writes itself; every other LLM type comes from llama.cpp's quantizer
-# (llama3v.runtime.llm_quantize), whose per-tensor mixes (q4_k_m etc.) beat one type for all.
-LLM_TYPES: dict[str, GGMLQuantizationType] = {name: Q[name.upper()] for name in quant_types.CONVERT_LLM_TYPES}
 # general.file_type numbers the whole file's type differently from the tensor types; a file of
 # one k-quant is what llama.cpp calls the _S variant (Q6_K has only one).
 _FILE_TYPES = {
@@ -39,9 +34,10 @@ _FILE_TYPES = {
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
 # gguf-py only decodes these; llama.cpp's C quantizer encodes them.
 _K_QUANTS = (Q.Q6_K, Q.Q5_K, Q.Q4_K)
-# Small tensors that every output keeps in f16 or better: position and patch embeddings feed
+# Small tensors that every output keeps in f16 or better: position, tile and patch embeddings feed
 # every token, so their rounding error is not averaged away.
-_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD)
+_EMBEDDINGS_KEPT = (S.PATCH_EMBD, S.POSITION_EMBD,
+                    S.MLLAMA_TILE_POSITION_EMBD, S.MLLAMA_PRE_TILE_EMBD, S.MLLAMA_POST_TILE_EMBD)
 
 
 def parse_outtype(name: str, choices: dict[str, GGMLQuantizationType] = MMPROJ_TYPES) -> GGMLQuantizationType:
@@ -57,15 +53,21 @@ def file_type(outtype: GGMLQuantizationType) -> int:
     return int(_FILE_TYPES[outtype])
 
 
+_NUMPY_SIDE = S.S2_PROJ_LAYER.split("{")[0]
+
+
 def storage_type(name: str, shape: tuple[int, ...], requested: GGMLQuantizationType) -> GGMLQuantizationType:
     """The type tensor `name` is stored in when `requested` is asked for (shared by every output).
 
     1-D tensors (norms, biases, class embedding) and rope factors: f32. Float requests apply to
     every matrix. Quantized requests apply to matrices whose rows are whole blocks (32 values for
     q8_0/q5_x/q4_x, 256 for k-quants); patch and position embeddings and every other matrix stay f16.
+    Matrices the runtime multiplies in numpy (an S2 projector) are f32 in an f32 file, else f16.
     """
     if len(shape) == 1 or name == S.ROPE_FREQS:
         return Q.F32  # tiny and precision-critical
+    if name.startswith(_NUMPY_SIDE):  # computed by the runtime in numpy, which has f32 and f16 only
+        return Q.F32 if requested == Q.F32 else Q.F16
     if requested in _FLOAT:
         return requested
     block = GGML_QUANT_SIZES[requested][0]

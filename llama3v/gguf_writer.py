@@ -8,7 +8,6 @@ an interrupted or killed conversion leaves the destination as it was.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from llama3v.atomic import atomic_output
-from llama3v.converters.quantize import encode
 from llama3v.errors import Llama3vError
 from llama3v.gguf_header import read_gguf
+from llama3v.progress import Progress
 
 
 @dataclass
@@ -43,9 +42,11 @@ def write_gguf(
     arch: str,
     add_metadata: Callable[[GGUFWriter], None],
     tensors: list[TensorPlan],
-    progress: Callable[[str], None] | None = None,
+    encode: Callable[[np.ndarray, GGMLQuantizationType], np.ndarray],
+    progress: Progress | None = None,
 ) -> None:
-    """Write `tensors` and the metadata that `add_metadata` adds to `path`, atomically."""
+    """Write `tensors`, each float array encoded as its type by `encode`, and the metadata that `add_metadata`
+    adds to `path`, atomically. `encode` is llama3v.quant.storage.encode (passed in: quant uses this writer)."""
     with atomic_output(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         add_metadata(writer)
@@ -60,7 +61,7 @@ def write_gguf(
                 raise Llama3vError(f"tensor {t.name}: expected shape {t.shape}, checkpoint has {data.shape}")
             writer.write_tensor_data(encode(data, t.qtype))
             if progress:
-                progress(f"[{i}/{len(tensors)}] {t.name} {t.qtype.name}")
+                progress(f"writing {path.name}", i, len(tensors))
         writer.close()
         _verify(tmp, tensors)
 
@@ -75,8 +76,3 @@ def _verify(path: Path, tensors: list[TensorPlan]) -> None:
         if got is None or got.type != t.qtype or got.nbytes != t.nbytes:
             raise Llama3vError(f"{path}: tensor {t.name} did not read back as written")
 
-
-def stderr_progress(message: str) -> None:
-    """Print a progress line to stderr, overwriting the previous one."""
-    sys.stderr.write(f"\r\033[K{message}")
-    sys.stderr.flush()

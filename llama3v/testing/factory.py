@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
-from llama3v.models.bpe import Tokenizer, llama3_tokenizer, train_tiny
+from llama3v.hf.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+from llama3v.progress import Progress
+from llama3v.testing.bpe import Tokenizer, llama3_tokenizer, train_tiny
 
 LAYOUTS = ("hf-4.45", "hf-4.52", "hf-5", "original", "original-separate")
 IMAGE_TOKEN = "<image>"
@@ -53,13 +54,14 @@ class TinySpec:
     vocab: str = "tiny"  # tiny | llama3
     preprocess_pad: bool = False
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT: (height, width) grids
+    s2_scales: tuple[int, ...] | None = None  # Bunny v1.1's S2 tower (original layouts): image sizes
     seed: int = 0
     weight_scale: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
 def build_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
-    """Random float32 weights under canonical names (see converters/layouts.py)."""
+    """Random float32 weights under canonical names (see llama3v/hf/key_formats.py)."""
     rng = np.random.default_rng(spec.seed)
     s = spec.weight_scale
 
@@ -92,7 +94,7 @@ def build_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
     w["vision.post_layernorm.weight"], w["vision.post_layernorm.bias"] = vec(d, 1.0), vec(d)
 
     h = spec.text_hidden
-    w["projector.linear_1.weight"] = lin(h, d, 1.0)
+    w["projector.linear_1.weight"] = lin(h, d * len(spec.s2_scales or (0,)), 1.0)
     w["projector.linear_1.bias"] = vec(h)
     if spec.projector == "mlp2x_gelu":
         w["projector.linear_2.weight"], w["projector.linear_2.bias"] = lin(h, h, 1.5), vec(h)
@@ -146,14 +148,18 @@ def checkpoint_name(canonical: str, layout: str, projector: str) -> str:
 
 
 def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str = "hf-5", dtype: str = "f32",
-                    shards: int = 1, fmt: str = "safetensors", tokenizer: Tokenizer | None = None) -> Path:
+                    shards: int = 1, fmt: str = "safetensors", tokenizer: Tokenizer | None = None,
+                    progress: Progress | None = None) -> Path:
     """Write a checkpoint directory for `spec` in `layout`; returns its path."""
     spec = spec or TinySpec()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    step = progress or (lambda *_: None)
+    step("building checkpoint", 0, 3)
     tok = tokenizer or (llama3_tokenizer() if spec.vocab == "llama3" else train_tiny())
+    step("building checkpoint", 1, 3)
     hf = layout.startswith("hf")
     # Every layout gets the same vocabulary: llava-hf's image token is appended for all of them.
     image_token_index = tok.vocab_size
@@ -167,6 +173,7 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
         elif not (layout.startswith("original") and canon.startswith("vision.post_layernorm")):
             main[checkpoint_name(canon, layout, spec.projector)] = arr
     _write_weights(out, main, dtype, shards, fmt)
+    step("building checkpoint", 2, 3)
     tok.write(out, {IMAGE_TOKEN: image_token_index})
     preprocessor = _preprocessor_config(spec)
     pinpoints = [list(p) for p in spec.grid_pinpoints or ()]
@@ -199,6 +206,9 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
         if pinpoints:
             config.update(image_aspect_ratio="anyres", image_grid_pinpoints=pinpoints,
                           mm_patch_merge_type="spatial_unpad")
+        if spec.s2_scales:
+            config.update(use_s2=True, s2_scales=",".join(map(str, spec.s2_scales)),
+                          mm_hidden_size=spec.vision_hidden * len(spec.s2_scales))
         tower_dir = out / TOWER_DIR
         tower_dir.mkdir(exist_ok=True)
         _write_json(tower_dir / "config.json", vision_cfg)
@@ -208,6 +218,7 @@ def make_checkpoint(out: str | Path, spec: TinySpec | None = None, layout: str =
     config.update(spec.extra)
     _write_json(out / "config.json", config)
     _write_json(out / "llama3v_spec.json", asdict(spec))
+    step("building checkpoint", 3, 3)
     return out
 
 

@@ -1,15 +1,13 @@
-"""Write an existing mmproj GGUF in another type (`llama3v quantize --mmproj`), by the converter's own rule.
+"""Write an existing mmproj GGUF in another type (`llama3v quantize`), by the rule `convert` uses.
 
 Every tensor is decoded to float32 (gguf-py decodes every type, k-quants included) and stored
-again as `storage_type` says, through the converter's atomic, verified writer; the metadata is
-copied except the keys that describe the new type. The requantizer lives with the converter, not
-the runtime, because it writes files: it needs llama.cpp only for k-quant encoding, and gets that
-from libggml-base directly (converters/ggml_quants.py).
+again as `storage_type` says, through the atomic, verified GGUF writer the converter uses; the
+metadata is copied except the keys that describe the new type. It needs llama.cpp only for k-quant
+encoding, and gets that from libggml-base directly (quant/ggml_quants.py), not through the runtime.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,10 @@ from gguf import quants as gguf_quants
 from gguf.gguf_reader import ReaderTensor
 
 from llama3v import gguf_schema as S
-from llama3v.converters.quantize import file_type, kept_precision, parse_outtype, storage_type
-from llama3v.converters.writer import TensorPlan, write_gguf
 from llama3v.errors import Llama3vError
+from llama3v.gguf_writer import TensorPlan, write_gguf
+from llama3v.progress import Progress
+from llama3v.quant.storage import encode, file_type, kept_precision, parse_outtype, storage_type
 
 Q = GGMLQuantizationType
 _FLOAT = (Q.F32, Q.F16, Q.BF16)
@@ -30,7 +29,7 @@ _NOT_COPIED = ("GGUF.", "general.architecture", "general.alignment", S.KEPT_PREC
 
 
 def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: bool = False,
-                      allow_requantize: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+                      allow_requantize: bool = False, progress: Progress | None = None) -> Path:
     """Write mmproj `src` as `outtype` to `dst` (atomically); returns `dst`.
 
     A source with quantized matrices is refused unless `allow_requantize`: their rounding error
@@ -75,7 +74,7 @@ def requantize_mmproj(src: str | Path, dst: str | Path, outtype: str, force: boo
         w.add_array(S.KEPT_PRECISION, kept)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(dst, S.CLIP_ARCH, metadata, plans, progress)
+    write_gguf(dst, S.CLIP_ARCH, metadata, plans, encode, progress)
     return dst
 
 

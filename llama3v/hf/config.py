@@ -32,7 +32,7 @@ KNOWN_VISION_TOWERS: dict[str, dict] = {
 }
 
 # Activations libmtmd can run in the vision tower, by HF name -> (use_gelu, use_silu).
-# ggml's gelu is the tanh approximation; HF's "gelu" is erf-exact (DESIGN.md, fidelity).
+# ggml's gelu is the tanh approximation; HF's "gelu" is erf-exact (docs/fidelity.md).
 VISION_ACTIVATIONS = {
     "quick_gelu": (False, False),
     "gelu": (True, False),
@@ -40,6 +40,28 @@ VISION_ACTIVATIONS = {
     "gelu_new": (True, False),
     "silu": (False, True),
 }
+
+
+# Bounds on a config's counts, far above any real model: a crafted config.json (num_hidden_layers 1e9)
+# must fail here, not when tensor names are planned for every layer it claims.
+MAX_LAYERS = 512
+MAX_WIDTH = 1 << 20
+
+
+def mapping(d: object, what: str) -> dict:
+    """`d` itself when it is a JSON object; a clean error naming `what` otherwise."""
+    if not isinstance(d, dict):
+        raise Llama3vError(f"{what} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _count(d: dict, key: str, upper: int, what: str) -> int:
+    """A positive integer config value no larger than `upper` (JSON floats such as 1e9 included)."""
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not 1 <= value <= upper:
+        raise Llama3vError(f"{what} {key} must be an integer from 1 to {upper:,}, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -59,8 +81,9 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> VisionConfig:
         """Build from an HF vision config dict (or a full CLIPConfig/SiglipConfig)."""
+        d = mapping(d, "the vision config")
         if "vision_config" in d:
-            d = d["vision_config"]
+            d = mapping(d["vision_config"], "vision_config")
         model_type = d.get("model_type", "clip_vision_model")
         if model_type in ("clip", "siglip"):
             model_type += "_vision_model"
@@ -72,17 +95,23 @@ class VisionConfig:
         try:
             cfg = cls(
                 model_type=model_type,
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=int(d["num_attention_heads"]),
-                image_size=int(d["image_size"]),
-                patch_size=int(d["patch_size"]),
+                hidden_size=_count(d, "hidden_size", MAX_WIDTH, "vision"),
+                intermediate_size=_count(d, "intermediate_size", MAX_WIDTH, "vision"),
+                num_hidden_layers=_count(d, "num_hidden_layers", MAX_LAYERS, "vision"),
+                num_attention_heads=_count(d, "num_attention_heads", MAX_WIDTH, "vision"),
+                image_size=_count(d, "image_size", MAX_WIDTH, "vision"),
+                patch_size=_count(d, "patch_size", MAX_WIDTH, "vision"),
                 hidden_act=d.get("hidden_act", defaults["hidden_act"]),
                 layer_norm_eps=float(d.get("layer_norm_eps", defaults["layer_norm_eps"])),
             )
         except KeyError as e:
             raise Llama3vError(f"vision config lacks {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise Llama3vError(f"vision config: a value has the wrong type ({e})") from e
+        if cfg.patch_size > cfg.image_size or cfg.hidden_size % cfg.num_attention_heads:
+            raise Llama3vError(f"vision config: patch_size {cfg.patch_size} must be at most image_size "
+                               f"{cfg.image_size}, and num_attention_heads {cfg.num_attention_heads} must divide "
+                               f"hidden_size {cfg.hidden_size}")
         if cfg.hidden_act not in VISION_ACTIVATIONS:
             raise Llama3vError(f"vision tower activation {cfg.hidden_act!r} is not supported by libmtmd")
         return cfg
@@ -123,26 +152,29 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TextConfig:
         """Build from an HF LlamaConfig dict; reads `rope_theta` (4.x) or `rope_parameters` (5.x)."""
+        d = mapping(d, "the text config")
         model_type = d.get("model_type", "llama")
         if model_type not in ("llama", "llava_llama", "llava", "llava_next", "bunny-llama", "bunny_llama"):
             raise Llama3vError(f"unsupported language model {model_type!r}: llama3v converts Llama decoders")
-        rope = d.get("rope_parameters") or {}
+        rope = mapping(d.get("rope_parameters") or {}, "rope_parameters")
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
+            scaling = mapping(scaling, "rope_scaling")
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind != "llama3":
                 raise Llama3vError(f"unsupported rope scaling {kind!r}: llama3v converts 'llama3' scaling")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise Llama3vError("Llama decoders with attention or MLP biases are not supported")
-        n_heads = int(d["num_attention_heads"])
         try:
-            return cls(
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
+            n_heads = _count(d, "num_attention_heads", MAX_WIDTH, "text")
+            cfg = cls(
+                hidden_size=_count(d, "hidden_size", MAX_WIDTH, "text"),
+                intermediate_size=_count(d, "intermediate_size", MAX_WIDTH, "text"),
+                num_hidden_layers=_count(d, "num_hidden_layers", MAX_LAYERS, "text"),
                 num_attention_heads=n_heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
-                vocab_size=int(d["vocab_size"]),
+                num_key_value_heads=_count({"num_key_value_heads": d.get("num_key_value_heads") or n_heads},
+                                           "num_key_value_heads", n_heads, "text"),
+                vocab_size=_count(d, "vocab_size", 1 << 24, "text"),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
                 rope_scaling=scaling,
@@ -152,6 +184,12 @@ class TextConfig:
             )
         except KeyError as e:
             raise Llama3vError(f"text config lacks {e.args[0]!r}") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise Llama3vError(f"text config: a value has the wrong type ({e})") from e
+        if cfg.hidden_size % n_heads or n_heads % cfg.num_key_value_heads:
+            raise Llama3vError(f"text config: num_attention_heads {n_heads} must divide hidden_size "
+                               f"{cfg.hidden_size}, and num_key_value_heads {cfg.num_key_value_heads} must divide it")
+        return cfg
 
     @property
     def n_head_dim(self) -> int:
@@ -173,6 +211,12 @@ class LlavaConfig:
     image_token_index: int | None = None
     grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT: (height, width) tiling grids
     patch_merge: str = "flat"  # LLaVA-NeXT: "spatial_unpad" (unpad + image newline) or "flat"
+    s2_scales: tuple[int, ...] | None = None  # Bunny v1.1's multi-scale tower: image sizes, smallest first
+
+    @property
+    def projector_in(self) -> int:
+        """The projector's input width: the tower's, times the number of scales for S2."""
+        return self.vision.hidden_size * len(self.s2_scales or (0,))
 
     @property
     def n_feature_blocks(self) -> int:
@@ -228,3 +272,21 @@ def select_strategy_from(value: str, vision: VisionConfig) -> None:
         raise Llama3vError(
             f"vision feature select strategy {value!r} drops the first patch of a SigLIP tower (which has no "
             "class token), which libmtmd cannot express; SigLIP LLaVA checkpoints use 'full'")
+
+
+S2_DEFAULT_SCALES = "384,768,1152"  # Bunny's SiglipVisionTowerS2 default
+
+
+def s2_scales_from(value: object, vision: VisionConfig) -> tuple[int, ...]:
+    """Validate Bunny's `s2_scales` ("384,768,1152" or a list): sorted, the smallest the tower's input size,
+    each a multiple of it (the image is cut into whole crops and their features area-pooled exactly)."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        scales = tuple(sorted(int(v) for v in parts))
+    except (TypeError, ValueError):
+        raise Llama3vError(f"s2_scales must be comma-separated sizes, got {value!r}") from None
+    if not scales or scales[0] != vision.image_size or any(s % scales[0] for s in scales) or len(set(scales)) != len(
+            scales):
+        raise Llama3vError(f"s2_scales {list(scales)} must be distinct multiples of the tower's image size "
+                           f"{vision.image_size}, starting with it")
+    return scales

@@ -3,8 +3,8 @@
 llama.cpp's quantizer picks a type per tensor (q4_k_m keeps half the attention and FFN down
 projections in q6_k, the output head in q6_k, ...) and falls back to a compatible type where a
 row is not a whole number of blocks, so the LLM gets exactly what `llama-quantize` would write.
-It runs in libllama, hence here in the runtime; the input is checked first (llama.cpp trusts its
-input), the output is written under a temporary name and renamed into place once it reads back.
+It runs in libllama, loaded through the runtime's engine; the input is checked first (llama.cpp trusts
+its input), the output is written under a temporary name and renamed into place once it reads back.
 """
 
 from __future__ import annotations
@@ -12,19 +12,14 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from gguf import GGMLQuantizationType, LlamaFileType
+from gguf import GGMLQuantizationType
 
-from llama3v import quant_types
 from llama3v.atomic import atomic_output
 from llama3v.errors import Llama3vError
+from llama3v.quant.types import LLM_QUANT_TYPES
 from llama3v.runtime import engine
 from llama3v.runtime.gguf_check import check_llm, read_model
 
-# Names as llama-quantize spells them (llama3v/quant_types.py), with llama.cpp's file type numbers.
-LLM_QUANT_TYPES: dict[str, LlamaFileType] = {
-    name: LlamaFileType["ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"]
-    for name in quant_types.LLM_QUANT_TYPES
-}
 _FLOAT = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _FILE_TYPE = "general.file_type"
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from llama3v.atomic import atomic_output
 from llama3v.errors import Llama3vError
+from llama3v.progress import Progress
 from llama3v.runtime.encoder import VisionEncoder
 from llama3v.runtime.media import (
     EncodeCache,
     Part,
-    Progress,
     Rows,
     describe,
     image_parts,
@@ -45,8 +45,7 @@ def stack_parts(parts: list[list[Part]]) -> tuple[np.ndarray, list[dict]]:
             if isinstance(part, Rows):
                 rows = part.data()
                 blocks.append(rows)
-                meta = {k: v for k, v in part.meta.items() if k != "tile_encode_ms"}
-                entries.append({"type": "rows", **meta, "first_row": first, "n_rows": len(rows)})
+                entries.append({"type": "rows", **part.to_json(), "first_row": first, "n_rows": len(rows)})
                 first += len(rows)
             else:
                 entries.append({"type": "text", "text": part})
@@ -71,7 +70,7 @@ def embed_to_files(mmproj: Path, media: list[tuple[str, object]], output: Path, 
     finally:
         encoder.close()
     doc = {"n_rows": int(rows.shape[0]), "n_embd": int(rows.shape[1]), "parts": entries,
-           "media": [{"index": i, "kind": k, "source": str(s), **describe(p)}
+           "media": [{"index": i, "kind": k, "source": str(s), **describe(p).to_json()}
                      for i, ((k, s), p) in enumerate(zip(media, parts, strict=True))]}
     with atomic_output(output) as tmp, open(tmp, "wb") as f:
         np.save(f, rows)
