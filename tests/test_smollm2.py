@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 
-from llama3v.converters.checkpoint import open_checkpoint
 from llama3v.converters.tokenizer import load_vocab
 from llama3v.errors import Llama3vError
-from llama3v.models.smollm2 import PRE_TOKENIZER, wheel_gguf, write_llm_checkpoint
+from llama3v.hf.checkpoint import open_checkpoint
+from llama3v.training.smollm2 import PRE_TOKENIZER, wheel_gguf, write_llm_checkpoint
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 TEXTS = ["What colour is the circle?", "3 shapes: big red circle left, 12345 apples.", "  two  spaces\n\nand tabs\t!",
@@ -79,7 +79,7 @@ def test_converter_reads_the_smollm2_tokenizer(hf_dir):
     vocab = load_vocab(open_checkpoint(hf_dir), 49152)
     assert vocab.pre == "smollm" and vocab.add_bos is False
     assert vocab.tokens[vocab.bos_id] == "<|im_start|>" and vocab.tokens[vocab.eos_id] == "<|im_end|>"
-    assert vocab.chat_template.startswith("{% for message in messages %}") and "<|im_start|>" in vocab.chat_template
+    assert vocab.chat.template.startswith("{% for message in messages %}") and "<|im_start|>" in vocab.chat.template
 
 
 @pytest.mark.parametrize("change", ["regex-off", "digits-grouped", "extra-step", "no-template"])

@@ -83,8 +83,8 @@ def test_patch_labels_mark_the_drawn_objects():
 
 
 def test_every_caption_fits_its_widths():
-    from llama3v.models.smollm2 import wheel_gguf
-    from llama3v.models.tiny_llava import N_ROWS
+    from llama3v.training.smollm2 import wheel_gguf
+    from llama3v.training.tiny_llava import N_ROWS
     from llama3v.training.train import TokenSet
 
     try:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from llama3v.converters.convert import convert
-from llama3v.models.tiny_llava import SHIPPED, assemble
 from llama3v.runtime.session import Session
 from llama3v.training.questions import Question, score
 from llama3v.training.scenes import make_example
+from llama3v.training.tiny_llava import SHIPPED, assemble
 
 SCENE_SEED = 11  # a held-out scene (training uses seeds >= 1,000,000)
 SCENE_QUESTION = Question("color", "Tell me the color of the star.", "yellow")

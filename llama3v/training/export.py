@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from llama3v.models.factory import write_safetensors
-from llama3v.models.tiny_llava import PROJECTOR_PREFIX, TOWER_PREFIX
+from llama3v.testing.factory import write_safetensors
+from llama3v.training.tiny_llava import PROJECTOR_PREFIX, TOWER_PREFIX
 
 
 def vision_tensors(model: torch.nn.Module) -> dict:

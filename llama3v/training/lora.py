@@ -1,7 +1,7 @@
 """Low-rank adapters (LoRA) on the LM's linear layers.
 
 An adapter adds (alpha / rank) * B @ A to a frozen weight W. Shipped adapters are merged into the
-decoder when the tiny model is assembled (llama3v.models.tiny_llava.merge_lora), so the checkpoint and
+decoder when the tiny model is assembled (llama3v.training.tiny_llava.merge_lora), so the checkpoint and
 its GGUF hold an ordinary Llama decoder.
 """
 

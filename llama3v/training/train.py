@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llama3v.converters.config import VisionConfig
-from llama3v.models import tiny_llava as tiny
+from llama3v.hf.config import VisionConfig
 from llama3v.models.vision import Projector, VisionTower
 from llama3v.runtime.image_processing import ImageSpec, prepare_tile
+from llama3v.training import tiny_llava as tiny
 from llama3v.training.caption import COUNT_WIDTH, SLOT_WIDTH, WORD_WIDTH, caption_parts
 from llama3v.training.scenes import COLORS, SHAPES, SIZES, SLOTS, WORDS, Box, Scene, Shape, draw_scene, make_example
 
@@ -243,8 +243,8 @@ def lm_embeddings(gguf: Path, ids: list[int]) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     """Train (or resume) and export the tower + projector."""
-    from llama3v.models.smollm2 import wheel_gguf
     from llama3v.training.export import export
+    from llama3v.training.smollm2 import wheel_gguf
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir", type=Path)

