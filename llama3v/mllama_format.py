@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 IMAGE_TOKEN = "<|image|>"
+# What follows an image given before a message's text: nothing, as in MllamaProcessor's prompts
+# (`<|image|>Describe it:`), where LLaVA formats put a newline.
+IMAGE_SEPARATOR = ""
 
 def aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
     """Tile grids (rows, columns) of at most `max_tiles` tiles, in MllamaImageProcessor's id order (id = index + 1)."""

@@ -203,3 +203,67 @@ def test_bad_pairs_and_media_are_refused_clearly(built, session, tiny):
         text_only.generate("hi", images=[scene(0, 28, 28)], max_tokens=1).wait()
     session.reset()
     assert session.generate("still fine", temperature=0, max_tokens=2).wait().tokens  # valid input still works
+
+
+# Llama-3.2-Vision's prompt semantics for a conversation with images, as a parts template (written here,
+# not Meta's): BOS once, each turn's header, its parts in order (an image part is one <|image|>), <|eot_id|>.
+PARTS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|image|>{% elif p['type'] == 'text' %}{{ p['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _hf_ids(ckpt, template, messages, images):
+    """transformers' ids: MllamaProcessor's apply_chat_template, then processor(text, images) as the model card does."""
+    from transformers import AutoTokenizer, MllamaImageProcessor, MllamaProcessor
+
+    processor = MllamaProcessor(MllamaImageProcessor.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt),
+                                chat_template=template)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=text, images=images or None, add_special_tokens=False)["input_ids"][0]
+
+
+def _ours(image):
+    return {"type": "image", "image": image}
+
+
+@pytest.mark.parametrize("template", ["checkpoint", "parts"])
+def test_prompt_ids_equal_mllama_processor(built, tmp_path, template):
+    """One image before the text, a follow-up turn, and two images in one turn: MllamaProcessor's ids."""
+    model, mmproj, ref = built
+    ckpt = model.parent.parent
+    a, b = scene(1, 90, 30), scene(2, 25, 80)
+    if template == "parts":
+        path = tmp_path / "mllama.jinja"
+        path.write_text(PARTS_TEMPLATE, encoding="utf-8")
+        hf_template, options = PARTS_TEMPLATE, {"chat_template": str(path)}
+        hf_image = [{"type": "image"}]
+    else:  # the checkpoint's own Llama-3 template takes strings: the image is <|image|> in the text
+        hf_template, options = json.loads((ckpt / "tokenizer_config.json").read_text())["chat_template"], {}
+        hf_image = "<|image|>"
+
+    def hf_content(text, n_images):
+        if template == "parts":
+            return hf_image * n_images + [{"type": "text", "text": text}]
+        return hf_image * n_images + text
+
+    cases = [
+        ([{"role": "user", "content": [_ours(a), {"type": "text", "text": "Describe it:"}]}],
+         [{"role": "user", "content": hf_content("Describe it:", 1)}], [a]),
+        ([{"role": "user", "content": [_ours(a), {"type": "text", "text": "Describe it:"}]},
+          {"role": "assistant", "content": "A wide scene."}, {"role": "user", "content": "And then?"}],
+         [{"role": "user", "content": hf_content("Describe it:", 1)},
+          {"role": "assistant", "content": "A wide scene."}, {"role": "user", "content": "And then?"}], [a]),
+        ([{"role": "user", "content": [_ours(a), _ours(b), {"type": "text", "text": "Which is wider?"}]}],
+         [{"role": "user", "content": hf_content("Which is wider?", 2)}], [a, b]),
+    ]
+    with Session(model, mmproj, n_ctx=256, **options) as s:
+        for ours, theirs, images in cases:
+            s.reset()
+            got = s.chat(ours, temperature=0, max_tokens=1).wait().prompt_tokens
+            want = _hf_ids(ckpt, hf_template, theirs, images)
+            assert got.count(ref.config.image_token_index) == len(images)
+            assert got == want, f"{template}: {got} != {want}"

@@ -29,6 +29,7 @@ from llama3v.errors import Llama3vError
 from llama3v.runtime.image_processing import ImageInput
 
 MARKERS = {"image": "<image>", "video": "<video>"}
+MEDIA_SEP = "\n"  # what follows media placed before a message's text (LLaVA's `<image>\n` convention)
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS.values()))
 _MEDIA = "<|llama3v-media-{}|>"
 _TEXT = "<|llama3v-text-{}|>"
@@ -64,11 +65,11 @@ class Text(str):
         return out
 
 
-def place_media(text: str, media: list[tuple[str, ImageInput]]) -> str:
-    """Check markers against the media given; prepend markers, each followed by a newline, when the text has none."""
+def place_media(text: str, media: list[tuple[str, ImageInput]], sep: str = MEDIA_SEP) -> str:
+    """Check markers against the media given; prepend markers, each followed by `sep`, when the text has none."""
     found = _MARKER_RE.findall(text)
     if not found:
-        return "".join(MARKERS[kind] + "\n" for kind, _ in media) + text
+        return "".join(MARKERS[kind] + sep for kind, _ in media) + text
     for kind, marker in MARKERS.items():
         n_markers, n_items = found.count(marker), sum(1 for k, _ in media if k == kind)
         if n_markers != n_items:
@@ -105,9 +106,11 @@ def message_from_openai(msg: dict) -> Message:
     return Message(role, text, media)
 
 
-def render(template: str, messages: list[Message], bos: str, eos: str) -> tuple[list[Text | int], list]:
+def render(template: str, messages: list[Message], bos: str, eos: str,
+           media_sep: str = MEDIA_SEP) -> tuple[list[Text | int], list]:
     """Render the chat template with the assistant header appended, starting with one BOS.
 
+    Media given without markers go first in their message, each followed by `media_sep`.
     Returns the prompt as a list of Text pieces and media indices (into the returned media list, in
     prompt order) and that media list.
     """
@@ -122,7 +125,7 @@ def render(template: str, messages: list[Message], bos: str, eos: str) -> tuple[
         if as_parts:
             content: str | list = _parts(m, texts, media, by_parts)
         else:
-            content = _sentinels(place_media(m.text, m.media), m.media, texts, media)
+            content = _sentinels(place_media(m.text, m.media, media_sep), m.media, texts, media)
         rendered_msgs.append({"role": m.role, "content": content})
     text = _render(template, rendered_msgs, bos, eos)
     return _split(text, texts, media, by_parts, bos)

@@ -25,6 +25,7 @@ import numpy as np
 from llama3v import gguf_schema as S
 from llama3v.chat_formats import FORMATS, resolve
 from llama3v.errors import Llama3vError
+from llama3v.mllama_format import IMAGE_SEPARATOR
 from llama3v.progress import Progress
 from llama3v.runtime import engine
 from llama3v.runtime.context import Context, Sampler, TextModel
@@ -43,7 +44,7 @@ from llama3v.runtime.media import (
 )
 from llama3v.runtime.mllama import CrossImages, MllamaEncoder, MllamaImage
 from llama3v.runtime.options import SAMPLING, SessionOptions
-from llama3v.runtime.prompt import Message, message_from_openai, render
+from llama3v.runtime.prompt import MEDIA_SEP, Message, message_from_openai, render
 from llama3v.runtime.video_budget import default_budget
 
 
@@ -268,7 +269,8 @@ class Session:
                           slot, lambda tok: self.ctx.decode_tokens([tok], seq=slot))
 
     def _prepare(self, messages: list[Message], answer_tokens: int = 0) -> tuple[_Prompt, list[MediaInfo]]:
-        pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text)
+        sep = IMAGE_SEPARATOR if self.cross is not None else MEDIA_SEP
+        pieces, media = render(self.template, messages, self.model.bos_text, self.model.eos_text, sep)
         if media and self.encoder is None:
             raise Llama3vError("this session has no mmproj, so it cannot take images or videos")
         if self.cross is not None:
