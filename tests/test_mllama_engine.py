@@ -267,3 +267,28 @@ def test_prompt_ids_equal_mllama_processor(built, tmp_path, template):
             want = _hf_ids(ckpt, hf_template, theirs, images)
             assert got.count(ref.config.image_token_index) == len(images)
             assert got == want, f"{template}: {got} != {want}"
+
+
+def test_embed_writes_the_projected_vision_states(built, session, picture, tmp_path):
+    """`embed` on an mllama mmproj: each image's real tiles' states (the cross K/V's source), as the reference's."""
+    model, mmproj, ref = built
+    small = tmp_path / "small.png"
+    scene(3, 28, 28).save(small)
+    out = tmp_path / "states.npy"
+    cmd = [sys.executable, "-m", "llama3v.cli", "embed", "--mmproj", str(mmproj), "--image", str(picture),
+           "--image", str(small), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows, doc = np.load(out), json.loads(out.with_suffix(".json").read_text())
+    assert rows.shape == (doc["n_rows"], doc["n_embd"]) and [m["n_tiles"] for m in doc["media"]][1] == 1
+    for entry, source in zip(doc["parts"], (picture, small), strict=True):
+        tiles = session.encoder.tiles(source)
+        got = rows[entry["first_row"]:entry["first_row"] + entry["n_rows"]]
+        want = ref.vision_states(tiles.tiles, tiles.aspect_ratio_id)[:tiles.n_tiles * entry["rows_per_tile"]]
+        nmse = _nmse(got, want)
+        print(f"embed {tiles.grid}: {len(got)} rows, NMSE {nmse:.3g}")
+        assert got.shape == want.shape and nmse < NMSE_BOUND["f32"]
+    video = subprocess.run(cmd[:-2] + ["--video", "clip.mp4", "-o", str(tmp_path / "v.npy")],
+                           capture_output=True, text=True, timeout=120)
+    assert video.returncode == 1 and "takes images, not videos" in video.stderr
+    assert len(video.stderr.strip().splitlines()) == 1 and not (tmp_path / "v.npy").exists()

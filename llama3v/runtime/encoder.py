@@ -38,7 +38,7 @@ class VisionEncoder:
         info = read_gguf(self.path, arrays=(S.GRID_PINPOINTS, S.S2_SCALES))
         if is_mllama(info):  # its states are cross-attention inputs, not context rows: runtime/mllama.py encodes it
             raise info.fail("a Llama-3.2-Vision (mllama) mmproj: its vision states are not rows of the context, so "
-                            "`embed` and libmtmd do not take it; run it with its model (docs/mllama.md)")
+                            "libmtmd does not take it; run it with its model (docs/mllama.md)")
         self.n_embd = check_mmproj(info)
         if S.FEATURE_LAYER not in info.kv:
             warnings.warn(_missing_feature_layer(self.path, int(info.get(S.BLOCK_COUNT))), Llama3vWarning, stacklevel=2)
