@@ -129,6 +129,33 @@ def test_end_to_end_top1_of_every_prompt_position(built, session):
     assert np.array_equal(got.argmax(1), want.argmax(1))
 
 
+@pytest.mark.parametrize("variant,size", [(1, (90, 30)), (3, (28, 28)), (2, (56, 56))],
+                         ids=["wide-1x3", "one-tile", "grid-2x2"])
+def test_real_tiles_mode_equals_the_reference(built, variant, size):
+    """`--mllama-tiles real`: only the real tiles are encoded; states and greedy tokens equal the reference's
+    real-tiles mode; an image with every tile slot real gives exactly the all-slots states."""
+    model, mmproj, ref = built
+    encoder = MllamaEncoder(mmproj, n_threads=2)
+    tiles = encoder.tiles(scene(variant, *size))
+    real, every = encoder.encode(tiles, "real"), encoder.encode(tiles, "all")
+    encoder.close()
+    rows = tiles.n_tiles * ref.config.vision.n_positions
+    assert real.shape == (rows, every.shape[1])
+    nmse = _nmse(real, ref.vision_states(tiles.tiles, tiles.aspect_ratio_id, "real"))
+    deviation = _nmse(real, every[:rows])
+    print(f"{tiles.grid}: real-tiles states NMSE vs reference {nmse:.3g}; vs all slots (the deviation) {deviation:.3g}")
+    assert nmse < NMSE_BOUND["f32"]
+    if tiles.n_tiles == ref.config.vision.max_num_tiles:
+        assert np.array_equal(real, every)
+    else:
+        assert deviation > 1e-3, "without the padding tiles the real tiles' states change (docs/mllama.md, rule 1)"
+    with Session(model, mmproj, **PARITY, mllama_tile_slots="real") as s:
+        result = s.generate("Describe it:", images=[scene(variant, *size)], temperature=0, max_tokens=STEPS).wait()
+        assert s.encoder.n_encodes == 1
+    want, margins = ref.greedy(result.prompt_tokens, [(tiles.tiles, tiles.aspect_ratio_id)], STEPS, "real")
+    assert result.tokens == want and min(margins) > MARGIN, (result.tokens, want, margins)
+
+
 def test_text_only_equals_the_reference(built, session):
     _, _, ref = built
     session.reset()

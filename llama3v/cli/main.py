@@ -17,7 +17,7 @@ from llama3v import __version__
 from llama3v.errors import Llama3vError
 from llama3v.progress import Progress, bars
 from llama3v.quant import types as quant_types
-from llama3v.runtime.options import CONVERSATION_MAX_TOKENS, SAMPLING, SessionOptions
+from llama3v.runtime.options import CONVERSATION_MAX_TOKENS, SAMPLING, TILE_SLOTS, SessionOptions
 from llama3v.runtime.video import Sampling
 
 
@@ -66,6 +66,10 @@ def _add_model(p: argparse.ArgumentParser, env: bool = False) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload on Metal/CUDA builds (0)")
     p.add_argument("--kv-type", choices=("f16", "f32"), default=SessionOptions.kv_type,
                    help=f"KV cache type ({SessionOptions.kv_type}; f32 for exact comparisons)")
+    p.add_argument("--mllama-tiles", choices=TILE_SLOTS, default=SessionOptions.mllama_tile_slots,
+                   help="Llama-3.2-Vision: encode 'all' tile slots as transformers does (real tiles attend to the "
+                   "padding tiles), or only the 'real' tiles: several times cheaper for an image of few tiles, "
+                   "not transformers' numbers (docs/mllama.md)")
     _add_chat_template(p, "instead of the GGUF's")
 
 
@@ -233,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=32, metavar="N",
                    help="answer tokens the f32 model generates, over which KL is measured (32)")
     p.add_argument("-o", "--outdir", type=Path, required=True, help="output and cache directory")
+    p.add_argument("--task-scenes", type=int, default=0, metavar="N",
+                   help="for the embedded tiny model (its checkpoint: `llama3v demo` prints it): also ask every "
+                   "held-out question about held-out drawn scenes 0..N-1 per combination and report the task "
+                   "accuracy (default 0: off)")
     _add_runtime(p)
 
     p = sub.add_parser("demo", parents=[common], help="run the embedded tiny model (or the parity demo) end to end",
@@ -287,7 +295,7 @@ def _session(args: argparse.Namespace, progress=None, **media: object):  # -> ll
 
     options = SessionOptions(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                              max_tiles=args.max_tiles, kv_type=args.kv_type, parallel=getattr(args, "parallel", 1),
-                             chat_template=args.chat_template, **media)
+                             chat_template=args.chat_template, mllama_tile_slots=args.mllama_tiles, **media)
     return Session(args.model, args.mmproj, options, progress=progress)
 
 

@@ -46,8 +46,9 @@ class TileEmbedding(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
-        """x [M, tiles, N, D] + tanh(gate) * embedding[ids] (one vector per tile)."""
-        e = self.embedding(ids).reshape(-1, self.max_tiles, 1, self.dim)
+        """x [M, tiles, N, D] + tanh(gate) * embedding[ids] (one vector per tile; fewer tiles than the
+        maximum take the first ones)."""
+        e = self.embedding(ids).reshape(-1, self.max_tiles, 1, self.dim)[:, :x.shape[1]]
         return x + e * self.gate.tanh()
 
 
@@ -64,7 +65,7 @@ class GatedPositionEmbedding(nn.Module):
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         """x [M, tiles, n_pos, D] -> x + (1 - tanh g) * pos + tanh g * tile_pos[ids]."""
         x = x + ((1 - self.gate.tanh()) * self.embedding).view(1, 1, self.n_pos, self.dim)
-        tile = self.tile_embedding(ids).reshape(x.shape[0], self.max_tiles, self.n_pos, self.dim)
+        tile = self.tile_embedding(ids).reshape(x.shape[0], self.max_tiles, self.n_pos, self.dim)[:, :x.shape[1]]
         return x + self.gate.tanh() * tile
 
 
@@ -241,19 +242,22 @@ class MllamaDecoder(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def cross_masks(ids: Sequence[int], image_token_id: int, n_tiles: Sequence[int], max_tiles: int,
+def cross_masks(ids: Sequence[int], image_token_id: int, n_tiles: Sequence[int], slots: Sequence[int],
                 n_positions: int) -> tuple[Tensor, Tensor]:
-    """HF's cross-attention mask [T, n_images * max_tiles * n_positions] (additive) and row mask [T, 1].
+    """HF's cross-attention mask [T, sum(slots) * n_positions] (additive) and row mask [T, 1].
 
+    slots: the tile slots each image's states hold (max_num_tiles as HF; its real tiles in `real` mode).
     A row with no visible tile has its additive mask zeroed (uniform attention) and row mask 0.
     """
     spans = cross_attention_spans(ids, image_token_id)
     if len(spans) != len(n_tiles):
         raise ValueError(f"the prompt has {len(spans)} image tokens but {len(n_tiles)} images were given")
-    sees = torch.zeros(len(ids), len(n_tiles), max_tiles)
-    for i, ((start, end), n) in enumerate(zip(spans, n_tiles, strict=True)):
-        sees[start:end, i, :n] = 1
-    sees = sees.repeat_interleave(n_positions, dim=2).reshape(len(ids), -1)
+    cols = []
+    for (start, end), n, s in zip(spans, n_tiles, slots, strict=True):
+        sees = torch.zeros(len(ids), s)
+        sees[start:end, :n] = 1
+        cols.append(sees.repeat_interleave(n_positions, dim=1))
+    sees = torch.cat(cols, dim=1)
     mask = (1.0 - sees).masked_fill((1.0 - sees).bool(), NEG)
     row_mask = (mask != NEG).any(dim=-1).float()[:, None]
     return mask * row_mask, row_mask
@@ -304,18 +308,23 @@ class MllamaReference:
         return out
 
     @torch.no_grad()
-    def vision_states(self, tiles: np.ndarray, aspect_ratio_id: int) -> np.ndarray:
-        """One image's projected vision states [max_tiles * n_positions, n_embd] (the cross-attention keys' source)."""
+    def vision_states(self, tiles: np.ndarray, aspect_ratio_id: int, tile_slots: str = "all") -> np.ndarray:
+        """One image's projected vision states [slots * n_positions, n_embd] (the cross-attention keys' source):
+        every tile slot as HF (`tile_slots="all"`), or only the real tiles (`"real"`, llama3v's cheaper mode)."""
         n_ids = self.config.vision.max_aspect_ratio_id
         if not 1 <= aspect_ratio_id <= n_ids:
             raise ValueError(f"aspect_ratio_id must be in [1, {n_ids}], got {aspect_ratio_id}")
+        if tile_slots not in ("all", "real"):
+            raise ValueError(f"tile_slots must be 'all' or 'real', got {tile_slots!r}")
         pixels = self._pixels(tiles)[None]
-        tile_mask = torch.zeros(1, self.config.vision.max_num_tiles)
+        if tile_slots == "real":
+            pixels = pixels[:, :len(tiles)]
+        tile_mask = torch.zeros(1, pixels.shape[1])
         tile_mask[0, :len(tiles)] = 1
         feats = self.vision(pixels, torch.tensor([aspect_ratio_id]), tile_mask)
         return self.projector(feats).reshape(-1, self.config.text.hidden_size).numpy()
 
-    def _run(self, ids: Sequence[int], images: Sequence[tuple[np.ndarray, int]]) -> Tensor:
+    def _run(self, ids: Sequence[int], images: Sequence[tuple[np.ndarray, int]], tile_slots: str = "all") -> Tensor:
         vocab = self.config.n_embedding_rows
         if not ids or any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"token ids must be a non-empty list in [0, {vocab})")
@@ -323,9 +332,10 @@ class MllamaReference:
             if self.config.image_token_index in ids:
                 raise ValueError("the prompt holds an image token but no image was given")
             return self.decoder(torch.tensor(list(ids)), None, None, None)
-        states = torch.from_numpy(np.concatenate([self.vision_states(t, ar) for t, ar in images]))
-        mask, row_mask = cross_masks(ids, self.config.image_token_index, [len(t) for t, _ in images],
-                                     self.config.vision.max_num_tiles, self.config.vision.n_positions)
+        states = torch.from_numpy(np.concatenate([self.vision_states(t, ar, tile_slots) for t, ar in images]))
+        n_tiles = [len(t) for t, _ in images]
+        slots = [self.config.vision.max_num_tiles] * len(images) if tile_slots == "all" else n_tiles
+        mask, row_mask = cross_masks(ids, self.config.image_token_index, n_tiles, slots, self.config.vision.n_positions)
         return self.decoder(torch.tensor(list(ids)), states, mask, row_mask)
 
     @torch.no_grad()
@@ -335,11 +345,11 @@ class MllamaReference:
 
     @torch.no_grad()
     def greedy(self, ids: Sequence[int], images: Sequence[tuple[np.ndarray, int]],
-               n_steps: int) -> tuple[list[int], list[float]]:
+               n_steps: int, tile_slots: str = "all") -> tuple[list[int], list[float]]:
         """Greedy continuation: the next `n_steps` tokens and the top-1 minus top-2 logit margin at each step."""
         seq, tokens, margins = list(ids), [], []
         for _ in range(n_steps):
-            top = torch.topk(self._run(seq, images)[-1], 2)
+            top = torch.topk(self._run(seq, images, tile_slots)[-1], 2)
             tokens.append(int(top.indices[0]))
             margins.append(float(top.values[0] - top.values[1]))
             seq.append(tokens[-1])

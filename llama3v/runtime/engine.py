@@ -102,8 +102,8 @@ _MLLAMA_API = {
     "llama_mllama_vision_free": ([ctypes.c_void_p], None),
     "llama_mllama_vision_n_rows": ([ctypes.c_void_p], ctypes.c_int32),
     "llama_mllama_vision_n_embd": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_mllama_vision_encode": ([ctypes.c_void_p, _F32P, ctypes.c_int32, ctypes.c_int32, _F32P, ctypes.c_int32],
-                                   ctypes.c_int32),
+    "llama_mllama_vision_encode": ([ctypes.c_void_p, _F32P, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, _F32P,
+                                    ctypes.c_int32], ctypes.c_int32),
 }
 
 

@@ -1,9 +1,11 @@
 """Llama-3.2-Vision (mllama) in llama3v's engine: the vision encoder and the images attached to a context.
 
 The encoder is the ggml graph of patch 0006 (`llama_mllama_vision_*`): tiles in, the projected vision
-states of every tile slot out. Those states never enter the context as rows: `CrossImages` attaches
-them to the libllama context (patch 0005, `llama_mllama_add_image`), which computes each image's
-cross-attention K/V once and keeps them for every later batch. docs/mllama.md has the semantics.
+states of every tile slot out (`tile_slots="all"`, transformers' arithmetic) or of the real tiles only
+(`"real"`, a documented deviation that costs far less for images of few tiles). Those states never
+enter the context as rows: `CrossImages` attaches them to the libllama context (patch 0005,
+`llama_mllama_add_image`), which computes each image's cross-attention K/V once and keeps them for
+every later batch. docs/mllama.md has the semantics.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from llama3v.runtime.gguf_check import check_mmproj, read_gguf
 from llama3v.runtime.image_processing import ImageInput, load_image
 from llama3v.runtime.media import EncodeCache, MediaInfo
 from llama3v.runtime.mllama_image import MllamaTiles, mllama_tiles
+from llama3v.runtime.options import TILE_SLOTS
 
 _F32P = ctypes.POINTER(ctypes.c_float)
 
@@ -53,23 +56,28 @@ class MllamaEncoder:
         """The image as MllamaImageProcessor tiles it for this encoder."""
         return mllama_tiles(load_image(source), self.tile, self.max_tiles)
 
-    def encode(self, tiles: MllamaTiles) -> np.ndarray:
-        """Projected vision states [max_tiles * positions per tile, n_embd] (padding tiles included)."""
+    def encode(self, tiles: MllamaTiles, tile_slots: str = "all") -> np.ndarray:
+        """Projected vision states [slots * positions per tile, n_embd]: every tile slot (padding tiles
+        included) with `tile_slots="all"`, the real tiles only with `"real"`."""
+        if tile_slots not in TILE_SLOTS:
+            raise Llama3vError(f"tile slots must be one of {', '.join(TILE_SLOTS)}, not {tile_slots!r}")
         pixels = ((tiles.tiles.astype(np.float32) / 255 - self.mean) / self.std).transpose(0, 3, 1, 2)
         pixels = np.ascontiguousarray(pixels)
-        out = np.empty((self.n_rows, self.n_embd), np.float32)
+        n_rows = self.n_rows if tile_slots == "all" else tiles.n_tiles * self.rows_per_tile
+        out = np.empty((n_rows, self.n_embd), np.float32)
         engine.take_log()
         rc = self._lib.llama_mllama_vision_encode(self.ptr, pixels.ctypes.data_as(_F32P), tiles.n_tiles,
-                                                  tiles.aspect_ratio_id, out.ctypes.data_as(_F32P), self.n_threads)
+                                                  tiles.aspect_ratio_id, tile_slots == "all",
+                                                  out.ctypes.data_as(_F32P), self.n_threads)
         if rc != 0:
             raise engine.failure(f"mllama image encoding failed (code {rc})")
         self.n_encodes += 1
         return out
 
-    def key(self, tiles: MllamaTiles) -> str:
-        """Identity of an image's states: this encoder's file and the exact tiles."""
+    def key(self, tiles: MllamaTiles, tile_slots: str = "all") -> str:
+        """Identity of an image's states: this encoder's file, the tile slots computed and the exact tiles."""
         h = hashlib.sha256(str(self.path.resolve()).encode())
-        h.update(repr((tiles.grid, tiles.aspect_ratio_id, tiles.tiles.shape)).encode())
+        h.update(repr((tiles.grid, tiles.aspect_ratio_id, tiles.tiles.shape, tile_slots)).encode())
         h.update(tiles.tiles.tobytes())
         return h.hexdigest()[:32]
 
@@ -90,6 +98,7 @@ class MllamaImage:
     key: str
     tiles: MllamaTiles
     info: MediaInfo
+    tile_slots: str = "all"
 
 
 class CrossImages:
@@ -123,7 +132,7 @@ class CrossImages:
         cross_ms = 0.0
         for (_, a, e), img in zip(plan, images, strict=True):
             t0 = time.perf_counter()
-            states = cache.get(img.key, lambda img=img: encoder.encode(img.tiles))
+            states = cache.get(img.key, lambda img=img: encoder.encode(img.tiles, img.tile_slots))
             t1 = time.perf_counter()
             img.info.tile_encode_ms[:] = [(t1 - t0) * 1e3]
             engine.take_log()

@@ -25,6 +25,9 @@ class SamplingDefaults:
 SAMPLING = SamplingDefaults()
 # A conversation's answers (`llama3v chat`, the server when a request sets no max_tokens) may run longer.
 CONVERSATION_MAX_TOKENS = 512
+# Llama-3.2-Vision: which tile slots the encoder computes (docs/mllama.md, rule 1): every one, as transformers
+# does, or the image's real tiles only.
+TILE_SLOTS = ("all", "real")
 
 
 @dataclass
@@ -48,3 +51,4 @@ class SessionOptions:
     max_video_tokens: int | None = None  # None: what the context leaves after the rest of the prompt and the answer
     video_sampling: Sampling = field(default_factory=Sampling)
     video_measure: str = DEFAULT_MEASURE
+    mllama_tile_slots: str = "all"  # one of TILE_SLOTS

@@ -323,7 +323,8 @@ class Session:
         for i, (_, source) in enumerate(media):
             tiles = self.encoder.tiles(source)
             info = MediaInfo(i, "image", [0.0], layout="mllama", grid=list(tiles.grid), n_tiles=tiles.n_tiles)
-            images.append(MllamaImage(self.encoder.key(tiles), tiles, info))
+            slots = self.options.mllama_tile_slots
+            images.append(MllamaImage(self.encoder.key(tiles, slots), tiles, info, slots))
         tokens: list[int] = []
         for piece in pieces:
             tokens.extend([self.image_token] if isinstance(piece, int) else self.model.tokenize_prompt(piece))
