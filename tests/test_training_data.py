@@ -46,6 +46,8 @@ def test_heldout_phrasings_are_never_training_phrasings():
     (Question("position", "", "middle"), "It is at the top left.", False),
     (Question("size", "", "circle"), "The circle is bigger than the star.", True),
     (Question("size", "", "circle"), "The star is bigger than the circle.", False),
+    (Question("size", "", "circle"), "The star is small and the circle is big, so the circle is bigger.", True),
+    (Question("size", "", "circle"), "The circle is small and the star is big, so the star is larger.", False),
     (Question("word", "", "cat"), "The word is CAT.", True),
     (Question("word", "", "cat"), "The word is DOG.", False),
     (Question("describe", "", "red circle; blue star"), "I see a big red circle and a small blue star.", True),

@@ -13,6 +13,11 @@ image, then each combination scores that same answer (teacher forcing, Session.s
 distributions it returns (after the prompt and after each answer token) are compared (kl.py).
 All sides run with an f32 KV cache and flash attention off, so only the weights differ.
 
+With `task_scenes` N > 0 (meant for the embedded tiny model, which answers questions about drawn
+scenes: docs/tiny-model.md), each combination also answers every held-out question about held-out
+scenes 0..N-1 greedily, and the report gives its task accuracy (keyword scoring,
+llama3v.training.questions) next to NMSE and KL: what a quant type costs in right answers.
+
 Results are cached per mmproj type and per combination under DIR/cache/<settings>/, keyed by the
 checkpoint's files, the images, the prompt and -n, so an interrupted run resumes where it stopped.
 """
@@ -74,12 +79,19 @@ class Row:
     worst_step: int  # 0: the distribution after the prompt; k: after the k-th answer token
     top1_agree: float
     n_positions: int
+    task_right: int | None = None  # held-out questions answered right (task_scenes > 0 only)
+    task_total: int | None = None
+
+    @property
+    def task_accuracy(self) -> float | None:
+        """Right answers over questions, when measured."""
+        return None if not self.task_total else self.task_right / self.task_total
 
 
 def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | tuple[str, ...] = DEFAULT_MMPROJ_TYPES,
                  model_types: list[str] | tuple[str, ...] = DEFAULT_MODEL_TYPES,
                  images: list[ImageInput] | None = None, prompt: str = QUESTION, n_predict: int = N_PREDICT,
-                 n_threads: int | None = None, progress: Progress | None = None) -> list[Row]:
+                 n_threads: int | None = None, progress: Progress | None = None, task_scenes: int = 0) -> list[Row]:
     """Measure every combination and write the Markdown table, CSV and PNGs into `outdir`; returns the rows."""
     require_matplotlib()  # before hours of measuring, not after
     mmproj_types = list(dict.fromkeys(t.lower() for t in mmproj_types))  # in order, each once
@@ -91,6 +103,8 @@ def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | 
             raise Llama3vError(f"unknown model type {t!r}; choose from {', '.join(LLM_QUANT_TYPES)}")
     if n_predict < 1:
         raise Llama3vError("-n must be at least 1")
+    if task_scenes < 0:
+        raise Llama3vError("--task-scenes must be 0 or more")
     if not mmproj_types or not model_types:
         raise Llama3vError("give at least one mmproj type and one model type")
     src, outdir = Path(src), Path(outdir)
@@ -115,6 +129,9 @@ def quant_report(src: str | Path, outdir: str | Path, mmproj_types: list[str] | 
         _step(progress, "measuring combinations", i, len(combos))
         div = _cached(cache / f"combo-{m}+{t}.json",
                       lambda m=m, t=t: _divergence(gguf.model(t), gguf.mmproj(m), images, prompt, baseline, n_threads))
+        if task_scenes:
+            div |= _cached(cache / f"task-{task_scenes}-{m}+{t}.json",
+                           lambda m=m, t=t: _task(gguf.model(t), gguf.mmproj(m), task_scenes, n_threads))
         v = vision[m]
         rows.append(Row(m, t, gguf.mmproj(m).stat().st_size, gguf.model(t).stat().st_size, v["encode_ms"],
                         v["nmse"], v["cosine"], **div))
@@ -222,6 +239,15 @@ def _divergence(model: Path, mmproj: Path, images: list[ImageInput], prompt: str
             "n_positions": div.n_positions}
 
 
+def _task(model: Path, mmproj: Path, n_scenes: int, n_threads: int | None) -> dict:
+    """Right answers to the held-out questions about held-out drawn scenes 0..n_scenes-1."""
+    from llama3v.evaluation.tiny_accuracy import evaluate, heldout_questions
+
+    with _session(model, mmproj, n_threads) as session:
+        acc, _ = evaluate(session, heldout_questions(range(n_scenes)))
+    return {"task_right": sum(acc.right.values()), "task_total": sum(acc.total.values())}
+
+
 def _score(session: Session, prompt: str, tokens: list[int], image: ImageInput) -> np.ndarray:
     """Teacher-forced logits from an empty KV cache: a reused prefix would be decoded in other batches, and
     batch boundaries change float rounding (KL ~1e-12 instead of 0 for the f32 pair against itself)."""
@@ -277,11 +303,12 @@ def write_report(rows: list[Row], outdir: Path, src: Path, n_images: int, prompt
     """Write quant-report.md, .csv, .png (size against KL) and -encode.png (encode time against size) into `outdir`."""
     md, csv_path, png, encode_png = (outdir / name for name in OUTPUTS)
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)] + ["task_accuracy"])
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows(asdict(r) | {"task_accuracy": r.task_accuracy} for r in rows)
     md.write_text(markdown_table(rows, src, n_images, prompt, n_predict))
-    points = [Point((r.mmproj_bytes + r.model_bytes) / MIB, r.kl_mean, r.mmproj_type, r.model_type) for r in rows]
+    points = [Point((r.mmproj_bytes + r.model_bytes) / MIB, r.kl_mean, r.mmproj_type, r.model_type, r.task_accuracy)
+              for r in rows]
     draw_size_vs_kl(points, png, f"{src.name}: size against KL to the f32 pair")
     per_mmproj = {r.mmproj_type: (r.mmproj_bytes / MIB, r.encode_ms) for r in rows}
     draw_encode_vs_size(per_mmproj, encode_png, f"{src.name}: mmproj size against encode time per image")
@@ -289,20 +316,24 @@ def write_report(rows: list[Row], outdir: Path, src: Path, n_images: int, prompt
 
 def markdown_table(rows: list[Row], src: Path, n_images: int, prompt: str, n_predict: int) -> str:
     """The report as Markdown: the settings, then one table row per combination."""
+    task = any(r.task_total for r in rows)
     lines = [f"# quant-report: {src.name}", "",
              f"{n_images} image{'s' if n_images != 1 else ''}; prompt {prompt!r}; KL over the f32 pair's greedy "
              f"answer of up to {n_predict} tokens per image (positions: after the prompt and after each answer "
              "token). Embedding NMSE and cosine against the PyTorch reference; encode time: median per image. "
-             "f32 KV cache, flash attention off.", "",
+             "f32 KV cache, flash attention off."
+             + (" Task accuracy: held-out questions about held-out drawn scenes, greedy, keyword scoring "
+                "(docs/tiny-model.md)." if task else ""), "",
              "| mmproj | model | mmproj MiB | model MiB | total MiB | encode ms/image | emb NMSE | emb cosine "
-             "| KL mean | KL max (image, step) | top-1 agree |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| KL mean | KL max (image, step) | top-1 agree |" + (" task accuracy |" if task else ""),
+             "| --- | --- |" + " ---: |" * (9 + task)]
     for r in rows:
         lines.append(
             f"| {r.mmproj_type} | {r.model_type} | {r.mmproj_bytes / MIB:.1f} | {r.model_bytes / MIB:.1f} | "
             f"{(r.mmproj_bytes + r.model_bytes) / MIB:.1f} | {r.encode_ms:.0f} | {r.emb_nmse:.2e} | "
             f"{r.emb_cosine:.6f} | {r.kl_mean:.2e} | {r.kl_max:.2e} ({r.worst_image}, {r.worst_step}) | "
-            f"{r.top1_agree:.1%} ({round(r.top1_agree * r.n_positions)}/{r.n_positions}) |")
+            f"{r.top1_agree:.1%} ({round(r.top1_agree * r.n_positions)}/{r.n_positions}) |"
+            + (f" {r.task_accuracy:.1%} ({r.task_right}/{r.task_total}) |" if task else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -312,13 +343,14 @@ def quant_report_command(args: argparse.Namespace) -> int:
     argparse arguments: `src` (Path); `--mmproj-types`, `--model-types` (str, comma-separated, default None:
     DEFAULT_MMPROJ_TYPES, DEFAULT_MODEL_TYPES); `--image` (Path, action="append", default None: drawn scenes);
     `-p/--prompt` (str, default None: QUESTION); `-n/--n-predict` (int, default 32); `-o/--outdir` (Path,
-    required); `--threads` (int, default None: all CPUs); `-q/--quiet` from the common options. Prints the
+    required); `--threads` (int, default None: all CPUs); `--task-scenes` (int, default 0: no task accuracy);
+    `-q/--quiet` from the common options. Prints the
     Markdown report on stdout; progress bars go to stderr when it is a terminal.
     """
     quant_report(args.src, args.outdir, _types(args.mmproj_types, DEFAULT_MMPROJ_TYPES),
                  _types(args.model_types, DEFAULT_MODEL_TYPES), images=args.image,
                  prompt=QUESTION if args.prompt is None else args.prompt, n_predict=args.n_predict,
-                 n_threads=args.threads, progress=bars(args.quiet))
+                 n_threads=args.threads, progress=bars(args.quiet), task_scenes=args.task_scenes)
     print((Path(args.outdir) / OUTPUTS[0]).read_text(), end="")
     return 0
 

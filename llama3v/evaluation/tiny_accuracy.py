@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from llama3v.runtime.session import Session
-from llama3v.training.questions import TYPES, Question, questions_for, score
+from llama3v.training.clips import draw_clip, write_clip
+from llama3v.training.questions import TYPES, VIDEO_TYPES, Question, clip_questions, questions_for, score
 from llama3v.training.scenes import make_example
 
 
@@ -42,7 +44,7 @@ class Accuracy:
 
     def table(self) -> dict[str, str]:
         """'right/total' per type, then overall."""
-        out = {t: f"{self.right[t]}/{self.total[t]}" for t in TYPES if self.total[t]}
+        out = {t: f"{self.right[t]}/{self.total[t]}" for t in TYPES + VIDEO_TYPES if self.total.get(t)}
         out["overall"] = f"{sum(self.right.values())}/{sum(self.total.values())} ({100 * self.overall:.1f}%)"
         return out
 
@@ -73,6 +75,48 @@ def evaluate(session: Session, questions: list[tuple[int, Question]], reference:
                                       max_tokens)
             ref.add(q, b"".join(session.model.piece(t) for t in tokens).decode("utf-8", errors="replace"))
     return cpp, ref
+
+
+def small_detail(seed: int, zoom: int = 4) -> Image.Image:
+    """Held-out scene `seed` drawn small: pasted into one cell of a zoom x zoom grid on a canvas of its
+    background colour, so the 112-pixel base view shrinks it zoom times and slices can restore it."""
+    image = make_example(seed)[1]
+    w, h = image.size
+    canvas = Image.new("RGB", (w * zoom, h * zoom), image.getpixel((0, 0)))
+    rng = np.random.default_rng(seed + 7)
+    canvas.paste(image, (int(rng.integers(zoom)) * w, int(rng.integers(zoom)) * h))
+    return canvas
+
+
+def detail_accuracy(session: Session, seeds: range, max_tiles: int | None, types: tuple[str, ...] = TYPES,
+                    max_tokens: int = 48) -> Accuracy:
+    """Held-out questions of `types` about `small_detail` pictures, with `max_tiles` slices (None: the base view)."""
+    acc = Accuracy()
+    session.options.max_tiles = max_tiles
+    for seed, q in heldout_questions(seeds):
+        if q.type not in types:
+            continue
+        session.reset()
+        acc.add(q, "".join(session.generate(q.text, images=[small_detail(seed)], temperature=0,
+                                            max_tokens=max_tokens)))
+    session.options.max_tiles = None
+    return acc
+
+
+def clip_accuracy(session: Session, seeds: range, workdir: Path, max_tokens: int = 32) -> tuple[Accuracy, float]:
+    """Held-out questions about held-out drawn clips (written as mp4 at 1 fps, sampled by the runtime like any
+    video), through llama.cpp; and the chance level: naming one of the shapes that appear after 0 s at random."""
+    acc, chance = Accuracy(), []
+    for seed in seeds:
+        clip, frames = draw_clip(seed)
+        path = write_clip(frames, workdir / f"clip-{seed}.mp4")
+        later = sum(1 for t in clip.appear if t > 0)
+        for q in clip_questions(clip, np.random.default_rng(seed + 31), heldout=True):
+            session.reset()
+            acc.add(q, session.generate(q.text, videos=[path], temperature=0, max_tokens=max_tokens).wait().text)
+            chance.append(1 / later)
+        path.unlink()
+    return acc, float(np.mean(chance))
 
 
 def reference_tokens(reference: object, session: Session, prompt: list[int | None], cpp_tokens: list[int],

@@ -54,7 +54,7 @@ def run_tiny_demo(workdir: Path, photo: Path | None, quiet: bool = False) -> int
         if not quiet:
             print(f"[demo] {msg}", file=sys.stderr)
 
-    _, model, mmproj = build_tiny_model(workdir, say)
+    ckpt, model, mmproj = build_tiny_model(workdir, say)
     scene_path = workdir / "scene.png"
     make_example(SCENE_SEED)[1].save(scene_path)
     print("llama3v demo: a tiny LLaVA-style model trained by this project on drawn scenes, run through llama.cpp.")
@@ -69,6 +69,7 @@ def run_tiny_demo(workdir: Path, photo: Path | None, quiet: bool = False) -> int
             print("  (the model has only ever seen drawn shapes, never a photograph: expect a guess in its terms)\n")
     print(f"model: {model}")
     print(f"mmproj: {mmproj}")
+    print(f"checkpoint: {ckpt}")
     print(f"\nGo on with: llama3v run --model {model} --mmproj {mmproj} --image {scene_path} "
           "-p 'How many shapes are there?'")
     return 0

@@ -71,10 +71,13 @@ class Box:
     half_h: float
 
 
-def render(scene: Scene, rng: np.random.Generator, boxes: list[Box] | None = None) -> Image.Image:
+def render(scene: Scene, rng: np.random.Generator, boxes: list[Box] | None = None,
+           hidden: frozenset[int] = frozenset()) -> Image.Image:
     """Draw `scene` with random style; returns an RGB image as decoded from its PNG or JPEG file.
 
     When `boxes` is a list, each object's `Box` is appended to it (for per-patch training labels).
+    Shapes whose index is in `hidden` are not drawn, yet use the generator as if they were, so the
+    frames of a clip drawn from equal generators differ only in which shapes show.
     """
     short = int(rng.integers(96, 321))
     aspect = float(rng.uniform(0.75, 1.33))
@@ -90,7 +93,9 @@ def render(scene: Scene, rng: np.random.Generator, boxes: list[Box] | None = Non
         if boxes is not None:
             boxes.append(Box(i, cx / ss, cy / ss, d / 2 / ss, d / 2 / ss))
         color = _jitter(rng, COLORS[obj.color])
-        _shape(draw, obj.shape, cx, cy, d / 2, color, outline, ss, float(rng.uniform(-0.25, 0.25)))
+        tilt = float(rng.uniform(-0.25, 0.25))
+        if i not in hidden:
+            _shape(draw, obj.shape, cx, cy, d / 2, color, outline, ss, tilt)
     if scene.word:
         cx, cy = _place(rng, scene.word_slot, w * ss, h * ss, unit)
         size = int(unit * rng.uniform(0.13, 0.17))

@@ -4,11 +4,13 @@
 
 Measured first: the frozen SmolLM2-135M-Instruct (not Llama-3) answers only ~42% of the questions
 when the caption is given as text (docs/tiny-model.md), so the stage-1 tower alone cannot reach the
-goal. The image rows are exactly the caption's token embeddings (that is what stage 1 trains the
-tower + projector to emit), so this stage trains on text: the prompt is the runtime's own (the
-GGUF's ChatML template, the default system message, the image rows then a newline and the
-question), the rows are the caption's tokens at their fixed places, and the loss is on the reply. Only
-the last `--layers` blocks carry adapters, so the first blocks run without gradients.
+goal. The prompt is the runtime's own (the GGUF's ChatML template, the default system message, the
+image rows then a newline and the question) and the loss is on the reply. The image rows are what
+the shipped tower + projector (`--vision`, stage 1's export) make of the scene's picture, so the
+adapter learns to read the rows llama.cpp will give it, errors included; without `--vision` they
+are the caption's exact token embeddings (a perfect tower). Only the last `--layers` blocks carry
+adapters, so the first blocks run without gradients. Training scenes start at LM_SEED0, past the
+tower's own training scenes, so the tower's rows are as good as on scenes it never saw.
 """
 
 from __future__ import annotations
@@ -18,21 +20,42 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from llama3v.hf.config import TextConfig
+from llama3v.hf.checkpoint import read_safetensors_file
+from llama3v.hf.config import TextConfig, VisionConfig
 from llama3v.models.llama import Llama
+from llama3v.models.vision import Projector, VisionTower
+from llama3v.runtime.image_processing import ImageSpec, prepare_tile
 from llama3v.runtime.prompt import Message, render
+from llama3v.runtime.video_budget import timestamp_text
 from llama3v.training import tiny_llava as tiny
+from llama3v.training.clips import CLIP_SEED0, SECONDS, draw_clip
 from llama3v.training.lora import adapter_tensors, add_lora
-from llama3v.training.questions import Question, questions_for
-from llama3v.training.scenes import Scene, draw_scene
+from llama3v.training.questions import Question, clip_questions, questions_for
+from llama3v.training.scenes import Scene, draw_scene, make_example
 from llama3v.training.smollm2 import read_llm, tokenizer_files, wheel_gguf
 from llama3v.training.train import TRAIN_SEED0, TokenSet
+
+LM_SEED0 = TRAIN_SEED0 + 500_000
+
+
+class Example(NamedTuple):
+    """Prompt + reply + end ids, where the reply starts, question type, where each picture's rows start, and
+    the pictures (drawn on demand: with exact caption rows they are never needed)."""
+
+    ids: list[int]
+    reply_start: int
+    kind: str
+    row_starts: list[int]
+    pictures: Callable[[], list[Image.Image]]
 
 
 class Prompts:
@@ -50,24 +73,71 @@ class Prompts:
         """As the runtime does: special tokens parsed, no BOS."""
         return self._lm.tokenize(text.encode(), add_bos=False, special=True)
 
-    def example(self, seed: int, heldout: bool) -> tuple[list[int], int, str]:
-        """(prompt ids + reply ids + end, index of the first reply token, question type) for a random question."""
-        rng = np.random.default_rng(seed)
-        scene = draw_scene(rng)
+    def example(self, seed: int, heldout: bool) -> Example:
+        """A random question about scene `seed` with its reply (training or held-out phrasing)."""
+        scene = draw_scene(np.random.default_rng(seed))  # a scene is its seed's first draw (make_example)
         q_rng = np.random.default_rng(seed + 17)
         qs = questions_for(scene, q_rng, heldout)
         q = qs[int(q_rng.integers(len(qs)))]
-        ids = self.prompt_ids(scene, q)
-        return ids + self.tokenize(q.reply) + [self.end], len(ids), q.type
+        ids, starts = self.prompt([scene], q, "image")
+        return Example(ids + self.tokenize(q.reply) + [self.end], len(ids), q.type, starts,
+                       lambda: [make_example(seed)[1]])
+
+    def clip_example(self, seed: int, heldout: bool) -> Example:
+        """A random question about clip `seed` (llama3v.training.clips), its frames given as a video is."""
+        clip, frames = draw_clip(seed)
+        q_rng = np.random.default_rng(seed + 17)
+        qs = clip_questions(clip, q_rng, heldout)
+        q = qs[int(q_rng.integers(len(qs)))]
+        shown = [Scene(tuple(s for i, s in enumerate(clip.scene.shapes) if i in clip.shown(t))) for t in range(SECONDS)]
+        ids, starts = self.prompt(shown, q, "video")
+        return Example(ids + self.tokenize(q.reply) + [self.end], len(ids), q.type, starts, lambda: frames)
+
+    def prompt(self, scenes: list[Scene], q: Question, kind: str = "image") -> tuple[list[int], list[int]]:
+        """The runtime's prompt for `q` about one image, or a video whose frames (one per second) show `scenes`,
+        with each scene's caption tokens in place of its rows; and where each picture's rows start."""
+        pieces, _ = render(self.template, [Message("user", q.text, [(kind, None)])], "", "")
+        ids: list[int] = []
+        starts = []
+        for piece in pieces:
+            if not isinstance(piece, int):
+                ids += self.tokenize(piece)
+                continue
+            for t, scene in enumerate(scenes):
+                if kind == "video":  # as runtime/media.py's video_parts: the frame's timestamp, then its rows
+                    ids += self.tokenize(timestamp_text(float(t)))
+                starts.append(len(ids))
+                ids += self.captions.caption_ids(scene, tiny.N_ROWS)
+        return ids, starts
 
     def prompt_ids(self, scene: Scene, q: Question) -> list[int]:
-        """The runtime's prompt for `q` with the scene's caption tokens in place of the image rows."""
-        pieces, _ = render(self.template, [Message("user", q.text, [("image", None)])], "", "")
-        rows = self.captions.caption_ids(scene, tiny.N_ROWS)
-        ids: list[int] = []
-        for piece in pieces:
-            ids += rows if isinstance(piece, int) else self.tokenize(piece)
-        return ids
+        """The prompt about one image alone (a perfect tower's rows)."""
+        return self.prompt([scene], q)[0]
+
+
+class TowerRows:
+    """Image rows of a scene's picture as the shipped tower + projector make them (float32)."""
+
+    def __init__(self, vision_file: Path) -> None:
+        weights = {k: torch.from_numpy(v.astype(np.float32)) for k, v in read_safetensors_file(vision_file).items()}
+        cfg = VisionConfig.from_dict(tiny.VISION_CONFIG)
+        self.tower = VisionTower(cfg)
+        self.tower.load_state_dict({k[len(tiny.TOWER_PREFIX):]: v for k, v in weights.items()
+                                    if k.startswith(tiny.TOWER_PREFIX)})
+        w1 = weights[tiny.PROJECTOR_PREFIX + "0.weight"]
+        self.projector = Projector(w1.shape[1], w1.shape[0], "mlp2x_gelu")
+        self.projector.load_state_dict({f"linear_{i}.{kind}": weights[f"{tiny.PROJECTOR_PREFIX}{j}.{kind}"]
+                                        for i, j in ((1, 0), (2, 2)) for kind in ("weight", "bias")})
+        self.spec = ImageSpec(size=tiny.IMAGE_SIZE, mode=tiny.PREPROCESS, mean=tiny.IMAGE_MEAN)
+        self.mean = torch.tensor(tiny.IMAGE_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(tiny.IMAGE_STD).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, pictures: list[Image.Image]) -> torch.Tensor:
+        """[len(pictures), n_rows, n_embd] rows, each picture prepared as the runtime prepares it."""
+        px = np.stack([prepare_tile(p, self.spec) for p in pictures])
+        x = (torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        return self.projector(self.tower(x))
 
 
 def load_lm(gguf: Path) -> Llama:
@@ -79,17 +149,23 @@ def load_lm(gguf: Path) -> Llama:
     return lm.requires_grad_(False)
 
 
-def batch_loss(lm: Llama, first: int, examples: list[tuple[list[int], int, str]]) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on the reply tokens; also per-example 'every reply token right' (= greedy reply)."""
-    T = max(len(ids) for ids, _, _ in examples)
+def batch_loss(lm: Llama, first: int, examples: list[Example], rows: TowerRows | None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the reply tokens; also per-example 'every reply token right' (= greedy reply).
+
+    With `rows`, the image rows are the tower's rows of each scene's picture; else the caption tokens'."""
+    T = max(len(e.ids) for e in examples)
     ids = torch.zeros(len(examples), T, dtype=torch.long)
     target = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (seq, start, _) in enumerate(examples):
-        ids[b, :len(seq)] = torch.tensor(seq)
-        target[b, start - 1:len(seq) - 1] = torch.tensor(seq[start:])
+    for b, e in enumerate(examples):
+        ids[b, :len(e.ids)] = torch.tensor(e.ids)
+        target[b, e.reply_start - 1:len(e.ids) - 1] = torch.tensor(e.ids[e.reply_start:])
     cos, sin = lm.rope(T)
     with torch.no_grad():
         h = lm.embed(ids)
+        if rows is not None:
+            for b, e in enumerate(examples):
+                for start, r in zip(e.row_starts, rows(e.pictures()), strict=True):
+                    h[b, start:start + len(r)] = r
         for block in lm.layers[:first]:
             h = block(h, cos, sin)
     for block in lm.layers[first:]:
@@ -117,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clips", type=int, default=0, metavar="N",
+                    help="every third step is a batch of N questions about drawn clips (video; ~4x longer prompts)")
+    ap.add_argument("--vision", type=Path, help="stage 1's vision.safetensors: train on its rows (default: exact "
+                    "caption tokens)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -124,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     gguf = wheel_gguf()
     prompts = Prompts(gguf)
+    rows = TowerRows(args.vision) if args.vision else None
     lm = load_lm(gguf)
     first = len(lm.layers) - args.layers
     adapters = add_lora(lm.layers, first, args.rank, alpha=2.0 * args.rank)
     params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     heldout = [prompts.example(s, heldout=True) for s in range(args.eval_questions)]
+    if args.clips:
+        heldout += [prompts.clip_example(s, heldout=True) for s in range(args.eval_questions // 4)]
     state_file = work / "state.pt"
     step, log = 0, []
     if state_file.is_file():
@@ -146,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        seeds = range(TRAIN_SEED0 + step * args.batch, TRAIN_SEED0 + (step + 1) * args.batch)
-        loss, stats = batch_loss(lm, first, [prompts.example(s, heldout=False) for s in seeds])
+        if args.clips and step % 3 == 2:  # a batch of its own: padding short prompts to a clip's length wastes time
+            batch = [prompts.clip_example(CLIP_SEED0 + step * args.clips + k, heldout=False) for k in range(args.clips)]
+        else:
+            seeds = range(LM_SEED0 + step * args.batch, LM_SEED0 + (step + 1) * args.batch)
+            batch = [prompts.example(s, heldout=False) for s in seeds]
+        loss, stats = batch_loss(lm, first, batch, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 whole, tok = [], []
                 for i in range(0, len(heldout), 8):
-                    _, st = batch_loss(lm, first, heldout[i:i + 8])
+                    _, st = batch_loss(lm, first, heldout[i:i + 8], rows)
                     whole += st["whole"]
                     tok.append(st["token_acc"])
             by_type: dict[str, list[bool]] = {}
-            for (_, _, kind), ok in zip(heldout, whole, strict=True):
-                by_type.setdefault(kind, []).append(ok)
+            for e, ok in zip(heldout, whole, strict=True):
+                by_type.setdefault(e.kind, []).append(ok)
             entry = {"step": step, "wall_s": wall0 + now - t_start, "loss": loss.item(),
                      "heldout_reply_exact": sum(whole) / len(whole), "heldout_token_acc": float(np.mean(tok)),
                      "by_type": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_type.items())}}
