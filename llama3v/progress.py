@@ -43,6 +43,15 @@ class Bars:
         self._bar, self._key = None, None
 
 
+def step_bar(desc: str, total: int, initial: int = 0, stream: TextIO | None = None):  # -> tqdm | None
+    """A tqdm bar for a training loop (the caller sets its postfix: loss, held-out accuracy) when `stream`
+    (stderr) is a terminal; otherwise None, and the loop's log lines are the record."""
+    from tqdm import tqdm
+
+    stream = stream or sys.stderr
+    return tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True) if stream.isatty() else None
+
+
 def bars(quiet: bool = False, stream: TextIO | None = None) -> Progress | None:
     """tqdm bars on `stream` (stderr) when it is a terminal and not `quiet`; otherwise None (no output)."""
     stream = stream or sys.stderr

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llama3v.hf.config import VisionConfig
 from llama3v.models.vision import Projector, VisionTower
+from llama3v.progress import step_bar
 from llama3v.runtime.image_processing import ImageSpec, prepare_tile
 from llama3v.training import tiny_llava as tiny
 from llama3v.training.caption import COUNT_WIDTH, SLOT_WIDTH, WORD_WIDTH, caption_parts
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] exported step {step} to {work / 'export'}", flush=True)
         return 0
     rng = np.random.default_rng(args.seed + step)
+    bar = step_bar("stage 1 (tower)", args.steps, step)
     warmup = min(200, args.steps // 10)
     t_start, t_last, seen_since = time.perf_counter(), time.perf_counter(), 0
     wall = log[-1]["wall_s"] if log else 0.0
@@ -307,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         seen_since += 1
         now = time.perf_counter()
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", heldout_caption=log[-1].get("caption_exact") if log else None)
         if step % 10 == 0:
             rate = (now - t_last) / seen_since
             t_last, seen_since = now, 0
@@ -326,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
                         "args": vars(args) | {"workdir": str(work)}}, tmp)
             tmp.replace(state_file)
+    if bar:
+        bar.close()
     export(model, tokens, work / "export", log)
     print(f"[train] done: {step} steps; exported to {work / 'export'}", flush=True)
     return 0

@@ -33,6 +33,7 @@ from llama3v.hf.checkpoint import read_safetensors_file
 from llama3v.hf.config import TextConfig, VisionConfig
 from llama3v.models.llama import Llama
 from llama3v.models.vision import Projector, VisionTower
+from llama3v.progress import step_bar
 from llama3v.runtime.image_processing import ImageSpec, prepare_tile
 from llama3v.runtime.prompt import Message, render
 from llama3v.runtime.video_budget import timestamp_text
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = log[-1]["wall_s"] if log else 0.0
     t_start = t_last = time.perf_counter()
     warmup = 20
+    bar = step_bar("stage 2 (adapter)", args.steps, step)
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
@@ -241,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         step += 1
         now = time.perf_counter()
+        if bar:
+            held = next((e["heldout_reply_exact"] for e in reversed(log) if "heldout_reply_exact" in e), None)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", heldout_replies=held)
         print(f"step {step}/{args.steps} loss {loss.item():.4f} reply-token-acc {stats['token_acc']:.3f} "
               f"lr {lr:.2e} {now - t_last:.1f} s/step", flush=True)
         t_last = now
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                         "args": vars(args) | {"workdir": str(work)}}, tmp)
             tmp.replace(state_file)
             export(adapters, work / "export", log, args)
+    if bar:
+        bar.close()
     print(f"[lm] done: {step} steps; adapters in {work / 'export'}", flush=True)
     return 0
 
