@@ -1,6 +1,7 @@
 """`make bench`: the benchmark suite, each figure measured side by side in one run and reported as ratios.
 
-    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,s2,mllama] [--threads 1,2]
+    .venv/bin/python bench/run.py [--quick] [--sections encode,ttft,decode,video,parallel,s2,mllama,mllama11b]
+                                  [--threads 1,2]
 
 Models (random weights, real shapes; built once and cached under the llama3v cache):
   vitl336   CLIP ViT-L/14-336 tower (feature layer -2) + mlp2x projector to 4096
@@ -12,6 +13,9 @@ Models (random weights, real shapes; built once and cached under the llama3v cac
   mllama    a small Llama-3.2-Vision: 560-pixel tiles (4 x 1601 cross-attention rows per image, as the 11B
             model's) through a narrow 3-layer encoder, and a 1024-wide 10-layer f16 decoder whose layers 3 and 8
             cross-attend (one in five, as the 11B model's)
+  mllama11b Llama-3.2-11B-Vision's vision encoder and projector: 560-pixel tiles of 1601 positions, 1280 wide,
+            5120 FFN, 16 heads, 32 local + 8 global layers, intermediate layers 3, 7, 15, 23, 30, projector to
+            4096 (a 2-layer decoder beside it); the mmproj in f16 (about 1.7 GB)
 Each section runs in a process of its own (so its peak resident memory is its own) and compares paired,
 interleaved runs (A B A B ... after a warm-up): medians with min and max (docs/benchmarks.md).
 Results print as Markdown and append to bench/results/<date>.jsonl with the CPU's flags and the build.
@@ -53,6 +57,9 @@ QUESTION = ("Look at the picture carefully and tell me, in a few words, which ob
 MLLAMA = dict(vision_hidden=32, vision_heads=2, vision_layers=2, global_layers=1, vision_ff=64,
               intermediate_layers=(0,), image_size=560, patch_size=14, text_hidden=1024, text_heads=16,
               text_kv_heads=4, text_layers=10, text_ff=4096, cross_layers=(3, 8))
+MLLAMA_11B = dict(vision_hidden=1280, vision_heads=16, vision_layers=32, global_layers=8, vision_ff=5120,
+                  intermediate_layers=(3, 7, 15, 23, 30), image_size=560, patch_size=14, text_hidden=4096,
+                  text_heads=32, text_kv_heads=8, text_layers=2, text_ff=256, cross_layers=(1,))
 
 
 def build(name: str) -> Path:
@@ -65,12 +72,16 @@ def build(name: str) -> Path:
     marker = out / "complete"
     if marker.exists():
         return out
-    if name == "mllama":
+    if name in ("mllama", "mllama11b"):
+        import shutil
+
         from llama3v.testing.mllama_factory import TinyMllamaSpec, make_mllama_checkpoint
 
         print(f"[bench] building {name} (once; cached in {root})", file=sys.stderr)
-        make_mllama_checkpoint(root / "ckpt", TinyMllamaSpec(**MLLAMA))
-        convert(root / "ckpt", out, "f16", "f32", force=True)
+        make_mllama_checkpoint(root / "ckpt", TinyMllamaSpec(**(MLLAMA if name == "mllama" else MLLAMA_11B)))
+        convert(root / "ckpt", out, "f16", "f32" if name == "mllama" else "f16", force=True)
+        if name == "mllama11b":
+            shutil.rmtree(root / "ckpt")  # 3.4 GB of f32 random weights, not needed again
         marker.write_text("ok")
         return out
     spec = {"vitl336": TinySpec(**VITL, text_hidden=4096, **SMALL_TEXT),
@@ -273,8 +284,9 @@ def section_decode(threads: int, rounds: int, model_type: str) -> dict:
 
 
 def section_mllama(threads: int, rounds: int) -> dict:
-    """mllama: decode tokens/s with an image attached (cross-attention K/V read from the cache) and without,
-    paired; the image's encode and cross-state times."""
+    """mllama: decode tokens/s with a 4-tile image attached (4 x 1601 cross-attention rows read from the cache), with
+    a one-tile image in `real` tiles mode (1601 rows) and text only (cross-attention layers skipped), paired; the
+    4-tile image's encode and cross-state times."""
     from llama3v.evaluation.scenes import scene
     from llama3v.runtime.session import Session
 
@@ -282,24 +294,52 @@ def section_mllama(threads: int, rounds: int) -> dict:
     n = 64
     session = Session(out / "model-f16.gguf", out / "mmproj-f32.gguf", n_ctx=1024, n_threads=threads)
     ban = {session.model.tokenize(t)[0]: -100.0 for t in ("<|eot_id|>", "<|end_of_text|>")}
-    image = scene(1, 1120, 1120)  # a 2 x 2 grid: 4 real tiles
+    image, small = scene(1, 1120, 1120), scene(2, 560, 560)  # a 2 x 2 grid: 4 real tiles; one tile
     first = session.generate(QUESTION, images=[image], max_tokens=1, temperature=0).wait()
 
-    def rate(images: list) -> float:
-        # Same prompt each round: the image stays attached and the prefix is reused, only decoding is timed.
+    def rate(images: list, slots: str = "all") -> float:
+        # Only decoding is timed (prefix reuse, encodes and cross K/V are outside decode_tokens_per_s).
+        session.options.mllama_tile_slots = slots
         return session.generate(QUESTION, images=images, max_tokens=n, temperature=0, logit_bias=ban).wait() \
             .timings["decode_tokens_per_s"]
 
-    rates: dict[str, list[float]] = {"with image": [], "text only": []}
-    rate([image]), rate([])
+    variants = {"with image (6404 rows)": lambda: rate([image]), "one tile, real (1601 rows)": lambda: rate([small],
+                "real"), "text only": lambda: rate([])}
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
     for _ in range(rounds):
-        rates["with image"].append(rate([image]))
-        rates["text only"].append(rate([]))
+        for k, fn in variants.items():
+            rates[k].append(fn())
     res = {k: summary(v, 1.0) for k, v in rates.items()}
-    res["with image / text only"] = ratio(rates["with image"], rates["text only"])
+    res["with image / text only"] = ratio(rates["with image (6404 rows)"], rates["text only"])
+    res["one tile real / text only"] = ratio(rates["one tile, real (1601 rows)"], rates["text only"])
     tiles = first.media[0].n_tiles
     res[f"encode ms ({tiles} tiles, once)"] = summary([first.media[0].encode_ms / 1e3])
     res[f"cross-state ms ({tiles} tiles, once)"] = summary([first.timings["cross_states_ms"] / 1e3])
+    return res
+
+
+def section_mllama11b(threads: int, rounds: int) -> dict:
+    """Llama-3.2-11B-Vision's encoder (f16 mmproj): seconds per image with every tile slot computed (transformers'
+    arithmetic, docs/mllama.md rule 1: the same cost for any image) and with the real tiles only (`--mllama-tiles
+    real`), for a one-tile image and a 2 x 2 one; per real tile = the 2 x 2 image's real-tiles time / 4."""
+    from llama3v.evaluation.scenes import scene
+    from llama3v.runtime.mllama import MllamaEncoder
+
+    out = build("mllama11b")
+    t0 = time.perf_counter()
+    encoder = MllamaEncoder(out / "mmproj-f16.gguf", n_threads=threads)
+    load_s = time.perf_counter() - t0
+    one, four = encoder.tiles(scene(1, 560, 560)), encoder.tiles(scene(1, 1120, 1120))
+    times = paired({"encode s, all 4 slots (1 real tile)": lambda: encoder.encode(one, "all"),
+                    "encode s, real tiles, 1 tile": lambda: encoder.encode(one, "real"),
+                    "encode s, real tiles, 2 x 2": lambda: encoder.encode(four, "real")},
+                   max(1, min(rounds, 2)), warmup=0)
+    res = {k: summary(v, 1.0) for k, v in times.items()}
+    res["s per real tile (2 x 2 / 4)"] = summary([t / 4 for t in times["encode s, real tiles, 2 x 2"]], 1.0)
+    res["load s"] = load_s
+    encoder.close()
     return res
 
 
@@ -464,9 +504,10 @@ def section_s2(threads: int, rounds: int) -> dict:
 PLAN = {("encode", 2): ("vitl336", "siglip"), ("ttft", 2): ("q4_k_m",), ("decode", 2): ("f16", "q4_k_m"),
         ("video", 2): ("",), ("parallel", 2): ("f16", "q4_k_m"), ("s2", 2): ("",), ("encode", 1): ("vitl336",),
         ("ttft", 1): (), ("decode", 1): ("q4_k_m",), ("video", 1): (), ("parallel", 1): (), ("s2", 1): (),
-        ("mllama", 2): ("",), ("mllama", 1): ()}
+        ("mllama", 2): ("",), ("mllama", 1): (), ("mllama11b", 2): ("",), ("mllama11b", 1): ()}
 SECTIONS = {"encode": section_encode, "ttft": section_ttft, "decode": section_decode, "video": section_video,
-            "parallel": section_parallel, "s2": section_s2, "mllama": section_mllama}
+            "parallel": section_parallel, "s2": section_s2, "mllama": section_mllama,
+            "mllama11b": section_mllama11b}
 
 
 def environment() -> dict:
@@ -526,7 +567,7 @@ def _print(res: dict, path: str = "") -> None:
 def main() -> None:
     """Run the suite, print the tables, append the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,s2,mllama")
+    ap.add_argument("--sections", default="encode,ttft,decode,video,parallel,s2,mllama,mllama11b")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 threads only")
