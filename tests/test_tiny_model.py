@@ -152,7 +152,6 @@ def test_training_builds_the_runtime_s_video_prompt(tiny_model, tmp_path):
     from llama3v.runtime.session import Session
     from llama3v.training.clips import SECONDS, draw_clip, write_clip
     from llama3v.training.questions import clip_questions
-    from llama3v.training.scenes import Scene
     from llama3v.training.train_lm import Prompts
 
     _, model, mmproj = tiny_model
@@ -161,8 +160,7 @@ def test_training_builds_the_runtime_s_video_prompt(tiny_model, tmp_path):
     with Session(model, mmproj, n_ctx=1024) as session:
         result = session.generate(q.text, videos=[write_clip(frames, tmp_path / "clip.mp4")], temperature=0,
                                   max_tokens=1).wait()
-    shown = [Scene(tuple(s for i, s in enumerate(clip.scene.shapes) if i in clip.shown(t))) for t in range(SECONDS)]
-    ids, starts = Prompts(model).prompt(shown, q, "video")
+    ids, starts = Prompts(model).prompt([clip.scene_at(t) for t in range(SECONDS)], q, "video")
     assert len(starts) == SECONDS == result.media[0].n_frames
     for start in starts:
         ids[start:start + 49] = [None] * 49

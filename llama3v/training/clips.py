@@ -32,6 +32,10 @@ class Clip:
         """Indices of the shapes visible at second t."""
         return frozenset(i for i, a in enumerate(self.appear) if a <= t)
 
+    def scene_at(self, t: int) -> Scene:
+        """What the frame at second t shows."""
+        return Scene(tuple(s for i, s in enumerate(self.scene.shapes) if i in self.shown(t)))
+
 
 def draw_clip(seed: int) -> tuple[Clip, list[Image.Image]]:
     """The clip for `seed` and its frames, one per second."""

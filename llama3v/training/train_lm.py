@@ -90,8 +90,7 @@ class Prompts:
         q_rng = np.random.default_rng(seed + 17)
         qs = clip_questions(clip, q_rng, heldout)
         q = qs[int(q_rng.integers(len(qs)))]
-        shown = [Scene(tuple(s for i, s in enumerate(clip.scene.shapes) if i in clip.shown(t))) for t in range(SECONDS)]
-        ids, starts = self.prompt(shown, q, "video")
+        ids, starts = self.prompt([clip.scene_at(t) for t in range(SECONDS)], q, "video")
         return Example(ids + self.tokenize(q.reply) + [self.end], len(ids), q.type, starts, lambda: frames)
 
     def prompt(self, scenes: list[Scene], q: Question, kind: str = "image") -> tuple[list[int], list[int]]:
