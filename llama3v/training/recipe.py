@@ -6,7 +6,8 @@ Runs `llama3v.training.train` in WORKDIR/vision (tower + projector) and `llama3v
 WORKDIR/lm (the LM's adapter, on the rows of the tower just trained), with the settings below, then
 copies vision.safetensors and lora.safetensors to WORKDIR/shipped (with --install: also into the
 package, where `llama3v demo` and the tests take them). Each stage resumes from its saved state, so
-an interrupted run goes on where it stopped. Cost and accuracy: docs/tiny-model.md.
+an interrupted run goes on where it stopped. `.venv/bin/python bench/tiny_accuracy.py --weights
+WORKDIR/shipped` measures the result before it is installed. Cost and accuracy: docs/tiny-model.md.
 """
 
 from __future__ import annotations
