@@ -4,7 +4,7 @@
 
 Runs `llama3v.training.train` in WORKDIR/vision (tower + projector) and `llama3v.training.train_lm` in
 WORKDIR/lm (the LM's adapter, on the rows of the tower just trained), with the settings below, then
-copies vision.safetensors and lora.safetensors to WORKDIR/shipped (with --install: also into the
+copies vision.safetensors, lora.safetensors and both training logs to WORKDIR/shipped (with --install: also into the
 package, where `llama3v demo` and the tests take them). Each stage resumes from its saved state, so
 an interrupted run goes on where it stopped. `.venv/bin/python bench/tiny_accuracy.py --weights
 WORKDIR/shipped` measures the result before it is installed. Cost and accuracy: docs/tiny-model.md.
@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     train_lm.main([str(args.workdir / "lm"), *STAGE2, "--vision", str(vision)])
     shipped = args.workdir / "shipped"
     shipped.mkdir(parents=True, exist_ok=True)
-    for src in (vision, args.workdir / "lm" / "export" / "lora.safetensors"):
-        shutil.copyfile(src, shipped / src.name)
+    lm = args.workdir / "lm" / "export"
+    files = {vision: "vision.safetensors", vision.with_name("training.json"): "vision_training.json",
+             lm / "lora.safetensors": "lora.safetensors", lm / "lm_training.json": "lm_training.json"}
+    for src, name in files.items():
+        shutil.copyfile(src, shipped / name)
         if args.install:
-            shutil.copyfile(src, SHIPPED / src.name)
+            shutil.copyfile(src, SHIPPED / name)
     print(f"[recipe] done: {shipped}" + (f", installed in {SHIPPED}" if args.install else ""), flush=True)
     return 0
 
