@@ -118,15 +118,24 @@ def patch_labels(scene: Scene, boxes: list[Box], size: tuple[int, int]) -> np.nd
     return out
 
 
+IMAGE_SPEC = ImageSpec(size=tiny.IMAGE_SIZE, mode=tiny.PREPROCESS, mean=tiny.IMAGE_MEAN)  # as the runtime prepares it
+_MEAN = torch.tensor(tiny.IMAGE_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(tiny.IMAGE_STD).view(1, 3, 1, 1)
+
+
+def tower_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] pixels (prepared with IMAGE_SPEC) -> the tower's normalised float input [B, 3, S, S]."""
+    return (pixels.permute(0, 3, 1, 2).float() / 255.0 - _MEAN) / _STD
+
+
 def render_set(seeds: range) -> tuple[np.ndarray, np.ndarray]:
     """Pixels uint8 [N, S, S, 3] prepared as the runtime prepares them, and per-patch labels [N, n_rows, 4]."""
-    spec = ImageSpec(size=tiny.IMAGE_SIZE, mode=tiny.PREPROCESS, mean=tiny.IMAGE_MEAN)
     pixels = np.empty((len(seeds), tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, 3), np.uint8)
     labels = np.empty((len(seeds), tiny.N_ROWS, len(HEADS)), np.int16)
     for i, seed in enumerate(seeds):
         boxes: list[Box] = []
         scene, image = make_example(seed, boxes)
-        pixels[i] = prepare_tile(image, spec)
+        pixels[i] = prepare_tile(image, IMAGE_SPEC)
         labels[i] = patch_labels(scene, boxes, image.size)
     return pixels, labels
 
@@ -180,15 +189,10 @@ class TinyVision(torch.nn.Module):
         self.projector.linear_2.requires_grad_(False)
         self.k = k
         self.aux = torch.nn.Linear(cfg.hidden_size, sum(HEADS.values()))  # training only, never exported
-        mean = torch.tensor(tiny.IMAGE_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(tiny.IMAGE_STD).view(1, 3, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
 
     def pre(self, pixels: torch.Tensor, with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, S, S, 3] -> pre-activations of the caption tokens [B, n_rows, K] (and the aux logits)."""
-        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        feats = self.tower(x)
+        feats = self.tower(tower_input(pixels))
         pre = self.projector.linear_1(feats)[..., :self.k]
         return (pre, self.aux(feats)) if with_aux else pre
 

@@ -29,21 +29,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llama3v.hf.checkpoint import read_safetensors_file
-from llama3v.hf.config import TextConfig, VisionConfig
+from llama3v.hf.config import TextConfig
 from llama3v.models.llama import Llama
-from llama3v.models.vision import Projector, VisionTower
 from llama3v.progress import step_bar
-from llama3v.runtime.image_processing import ImageSpec, prepare_tile
+from llama3v.runtime.image_processing import prepare_tile
 from llama3v.runtime.prompt import Message, render
 from llama3v.runtime.video_budget import timestamp_text
 from llama3v.training import tiny_llava as tiny
 from llama3v.training.clips import CLIP_SEED0, SECONDS, draw_clip
+from llama3v.training.export import load_vision
 from llama3v.training.lora import adapter_tensors, add_lora
 from llama3v.training.questions import Question, clip_questions, questions_for
 from llama3v.training.scenes import Scene, draw_scene, make_example
 from llama3v.training.smollm2 import read_llm, tokenizer_files, wheel_gguf
-from llama3v.training.train import TRAIN_SEED0, TokenSet
+from llama3v.training.train import IMAGE_SPEC, TRAIN_SEED0, TokenSet, tower_input
 
 LM_SEED0 = TRAIN_SEED0 + 500_000
 
@@ -119,25 +118,13 @@ class TowerRows:
     """Image rows of a scene's picture as the shipped tower + projector make them (float32)."""
 
     def __init__(self, vision_file: Path) -> None:
-        weights = {k: torch.from_numpy(v.astype(np.float32)) for k, v in read_safetensors_file(vision_file).items()}
-        cfg = VisionConfig.from_dict(tiny.VISION_CONFIG)
-        self.tower = VisionTower(cfg)
-        self.tower.load_state_dict({k[len(tiny.TOWER_PREFIX):]: v for k, v in weights.items()
-                                    if k.startswith(tiny.TOWER_PREFIX)})
-        w1 = weights[tiny.PROJECTOR_PREFIX + "0.weight"]
-        self.projector = Projector(w1.shape[1], w1.shape[0], "mlp2x_gelu")
-        self.projector.load_state_dict({f"linear_{i}.{kind}": weights[f"{tiny.PROJECTOR_PREFIX}{j}.{kind}"]
-                                        for i, j in ((1, 0), (2, 2)) for kind in ("weight", "bias")})
-        self.spec = ImageSpec(size=tiny.IMAGE_SIZE, mode=tiny.PREPROCESS, mean=tiny.IMAGE_MEAN)
-        self.mean = torch.tensor(tiny.IMAGE_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(tiny.IMAGE_STD).view(1, 3, 1, 1)
+        self.tower, self.projector = load_vision(vision_file)
 
     @torch.no_grad()
     def __call__(self, pictures: list[Image.Image]) -> torch.Tensor:
         """[len(pictures), n_rows, n_embd] rows, each picture prepared as the runtime prepares it."""
-        px = np.stack([prepare_tile(p, self.spec) for p in pictures])
-        x = (torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        return self.projector(self.tower(x))
+        px = np.stack([prepare_tile(p, IMAGE_SPEC) for p in pictures])
+        return self.projector(self.tower(tower_input(torch.from_numpy(px))))
 
 
 def load_lm(gguf: Path) -> Llama:
